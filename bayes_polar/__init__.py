@@ -1,0 +1,24 @@
+"""bayes-polar: calibrated Bayesian fine-tuning of language models (PoLAR adapters + VBLL)."""
+from .backbone import load_backbone, load_tokenizer, tiny_random_llama
+from .errors import BayesPolarError, BayesPolarWarning
+from .features import FeatureExtractor, Features
+from .formats import encode_task, make_loader
+from .tasks import Example, Task, load_task, task_names
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BayesPolarError",
+    "BayesPolarWarning",
+    "Example",
+    "FeatureExtractor",
+    "Features",
+    "Task",
+    "encode_task",
+    "load_backbone",
+    "load_task",
+    "load_tokenizer",
+    "make_loader",
+    "task_names",
+    "tiny_random_llama",
+]

@@ -1,0 +1,49 @@
+"""Library errors and warnings.
+
+Every error subclasses :class:`BayesPolarError` *and* the builtin it refines, so
+``except ValueError`` keeps working for callers that do not know this library.
+"""
+from __future__ import annotations
+
+
+class BayesPolarError(Exception):
+    """Base class of every error raised on purpose by bayes-polar."""
+
+
+class BayesPolarWarning(UserWarning):
+    """Base class of every warning issued by bayes-polar."""
+
+
+class DataFormatError(BayesPolarError, ValueError):
+    """A data file or row does not have the expected form (names file, line and field)."""
+
+
+class UnknownTaskError(BayesPolarError, KeyError):
+    """A task name that is not in the task registry."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
+        return str(self.args[0]) if self.args else ""
+
+
+class OfflineError(BayesPolarError, OSError):
+    """A model or dataset that is neither local nor reachable on a hub."""
+
+
+class NoTargetModulesError(BayesPolarError, ValueError):
+    """No module of the model matched the adapter's ``target_modules``."""
+
+
+class ShapeMismatchError(BayesPolarError, ValueError):
+    """Features, labels or a head whose shapes do not fit together."""
+
+
+class NumericalError(BayesPolarError, FloatingPointError):
+    """NaN or Inf in features, loss or gradients."""
+
+
+class CheckpointError(BayesPolarError, OSError):
+    """A checkpoint that is missing, truncated or corrupted."""
+
+
+class ConfigError(BayesPolarError, ValueError):
+    """An invalid configuration value or an unknown configuration key."""

@@ -1,0 +1,122 @@
+"""Features φ for the Bayesian last layer: one backbone pass per batch.
+
+For a batch of S left-padded sequences the trunk returns final hidden states (after the final
+norm) of shape (S, L, d). ``letters``: φ = h[:, -1], shaped (B, 1, d). ``options``:
+φ_c = [h_c[-1], ℓ_sum, ℓ_mean], shaped (B, C, d + 2), where
+
+.. math:: \\ell_{sum} = \\sum_{j \\in cont} \\log p_{LM}(t_j \\mid t_{<j}), \\qquad
+          \\ell_{mean} = \\ell_{sum} / |cont|
+
+are the LM's own log-likelihood of the option text (on by default).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .formats import Batch, check_format
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions 0, 1, ... counted over real tokens only, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class FullTrunk:
+    """Runs the whole decoder: ``(input_ids, attention_mask) -> final hidden states (S, L, d)``."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        decoder = self.model.get_decoder()
+        out = decoder(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=position_ids_from_mask(batch.attention_mask),
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+
+@dataclass
+class Features:
+    """φ (B, C or 1, D) in float32 and which of the C choices exist (B, C)."""
+
+    phi: torch.Tensor
+    mask: torch.Tensor
+
+    def detach(self) -> "Features":
+        return Features(self.phi.detach(), self.mask)
+
+
+class FeatureExtractor:
+    """Turns a :class:`~bayes_polar.formats.Batch` into :class:`Features` for one answer format.
+
+    Parameters
+    ----------
+    model: the causal LM (its adapters, if any, are part of the pass).
+    format: ``letters`` or ``options``.
+    loglik_features: options only; append the option log-likelihood (sum, mean) to φ.
+    trunk: what produces the final hidden states; defaults to the full decoder.
+    """
+
+    def __init__(self, model, format: str = "options", loglik_features: bool = True, trunk=None):
+        self.model = model
+        self.format = check_format(format)
+        self.loglik_features = loglik_features and format == "options"
+        self.trunk = trunk if trunk is not None else FullTrunk(model)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.model.config.hidden_size + (2 if self.loglik_features else 0)
+
+    def __call__(self, batch: Batch) -> Features:
+        hidden = self.trunk(batch)  # (S, L, d)
+        last = hidden[:, -1].float()  # (S, d)
+        if self.format == "letters":
+            return Features(last.unsqueeze(1), batch.choice_mask)
+        if self.loglik_features:
+            last = torch.cat([last, option_loglik(self.model, hidden, batch)], dim=-1)
+        num_questions, num_classes = batch.choice_mask.shape
+        phi = last.new_zeros(num_questions * num_classes, last.shape[-1])
+        phi = phi.index_copy(0, batch.slots, last).view(num_questions, num_classes, -1)
+        return Features(phi, batch.choice_mask)
+
+
+def option_loglik(model, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """(S, 2): sum and mean log-likelihood of each sequence's continuation tokens."""
+    lengths = batch.continuation_lengths
+    window = int(min(lengths.max().item(), hidden.shape[1] - 1))
+    if window <= 0:
+        return hidden.new_zeros(hidden.shape[0], 2, dtype=torch.float32)
+    head = model.get_output_embeddings()
+    logits = head(hidden[:, -window - 1 : -1]).float()  # (S, K, V): positions predicting the last K tokens
+    targets = batch.input_ids[:, -window:]
+    token_logp = F.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (S, K)
+    scored = torch.arange(window, device=hidden.device) >= window - lengths.clamp(max=window).unsqueeze(1)
+    total = (token_logp * scored).sum(-1)
+    mean = total / scored.sum(-1).clamp(min=1)
+    return torch.stack([total, mean], dim=-1)
+
+
+def answer_head_rows(model, answer_ids: list[int]) -> torch.Tensor:
+    """(C, d) rows of the LM head for the answer tokens: the zero-shot letters classifier."""
+    weight = model.get_output_embeddings().weight
+    return weight[torch.tensor(answer_ids, device=weight.device)].detach().float().clone()
+
+
+@torch.no_grad()
+def extract_features(extractor: FeatureExtractor, loader, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the extractor over a loader without gradients: ``(phi, mask, labels)`` for all of it."""
+    from tqdm.auto import tqdm
+
+    phis, masks, labels = [], [], []
+    for batch in tqdm(loader, desc="features", disable=not progress, leave=False):
+        features = extractor(batch)
+        phis.append(features.phi)
+        masks.append(features.mask)
+        labels.append(batch.labels)
+    return torch.cat(phis), torch.cat(masks), torch.cat(labels)

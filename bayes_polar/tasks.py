@@ -1,0 +1,315 @@
+"""Real multiple-choice benchmarks as lists of :class:`Example`, from local files or the hub.
+
+``load_task(name, split, data_dir=None)`` reads the local mirror (``data_dir``, else
+``$BAYES_POLAR_DATA``) through ``datasets.load_dataset("json" | "csv", data_files=...)``, or the
+Hugging Face hub id when no local folder is given. Every row is validated: a malformed row raises
+:class:`~bayes_polar.errors.DataFormatError` naming the file, the line and the field.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import BayesPolarWarning, DataFormatError, UnknownTaskError
+from .hub import require_hub
+
+LETTERS = "ABCDEFGHIJ"
+DATA_ENV = "BAYES_POLAR_DATA"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One multiple-choice question.
+
+    ``question`` is the question (ARC, OBQA, MMLU, BoolQ) or the sentence with a blank ``_``
+    (WinoGrande); ``choices`` the answer texts in order; ``label`` the index of the right one;
+    ``passage`` the BoolQ passage when there is one; ``uid`` a stable identifier.
+    """
+
+    question: str
+    choices: tuple[str, ...]
+    label: int
+    uid: str
+    passage: str | None = None
+
+
+@dataclass
+class Task:
+    """A split of a task: its examples and what the answer format needs to know."""
+
+    name: str
+    split: str
+    examples: list[Example]
+    num_classes: int  # the most choices any question of this task can have
+    answer_words: tuple[str, ...]  # what the letters format asks the LM to say, per class
+    source: str  # file or hub id
+    dropped: int = 0  # rows skipped (reported, never silent)
+    kind: str = "qa"  # "qa", "cloze" (WinoGrande's blank) or "boolean"
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @property
+    def labels(self) -> list[int]:
+        return [e.label for e in self.examples]
+
+
+Row = dict
+Parser = Callable[[Row], Example]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Where a task lives and how its rows become :class:`Example` s."""
+
+    hub_id: str
+    hub_config: str | None
+    folder: str
+    files: dict[str, str]  # split -> local file name
+    parse: Parser
+    num_classes: int
+    answer_words: tuple[str, ...] = tuple(LETTERS[:5])
+    hub_splits: dict[str, str] = field(default_factory=dict)  # split -> hub split name
+    csv_columns: tuple[str, ...] | None = None
+    kind: str = "qa"
+
+
+def _need(row: Row, key: str):
+    """``row[key]``, or a KeyError that the caller turns into a located DataFormatError."""
+    value = row.get(key)
+    if value is None:
+        raise KeyError(f"missing field {key!r}")
+    return value
+
+
+def _parse_arc(row: Row, stem: str = "question") -> Example:
+    choices = _need(row, "choices")
+    texts, keys = _need(choices, "text"), _need(choices, "label")
+    if len(texts) != len(keys) or len(texts) < 2:
+        raise ValueError(f"choices must have as many texts as labels (>= 2), got {len(texts)} and {len(keys)}")
+    answer = str(_need(row, "answerKey"))
+    if answer not in keys:
+        raise ValueError(f"answerKey {answer!r} is not one of the choice labels {list(keys)}")
+    return Example(
+        question=str(_need(row, stem)),
+        choices=tuple(str(t) for t in texts),
+        label=list(keys).index(answer),
+        uid=str(row.get("id", "")),
+    )
+
+
+def _parse_obqa(row: Row) -> Example:
+    return _parse_arc(row, stem="question_stem")
+
+
+def _parse_winogrande(row: Row) -> Example:
+    sentence = str(_need(row, "sentence"))
+    if "_" not in sentence:
+        raise ValueError("sentence has no blank '_'")
+    answer = str(_need(row, "answer"))
+    if answer not in ("1", "2"):
+        raise ValueError(f"answer must be '1' or '2', got {answer!r}")
+    return Example(
+        question=sentence,
+        choices=(str(_need(row, "option1")), str(_need(row, "option2"))),
+        label=int(answer) - 1,
+        uid=str(row.get("qID", "")),
+    )
+
+
+def _parse_boolq(row: Row) -> Example:
+    label = _need(row, "label" if "label" in row else "answer")
+    if not isinstance(label, bool):
+        raise ValueError(f"label must be true or false, got {label!r}")
+    return Example(
+        question=str(_need(row, "question")),
+        choices=("no", "yes"),
+        label=int(label),
+        uid=str(row.get("idx", "")),
+        passage=row.get("passage"),
+    )
+
+
+def _parse_mmlu(row: Row) -> Example:
+    choices = tuple(str(_need(row, k)) for k in "ABCD")
+    answer = str(_need(row, "answer")).strip()
+    if answer not in "ABCD" or len(answer) != 1:
+        raise ValueError(f"answer must be one of A, B, C, D, got {answer!r}")
+    return Example(question=str(_need(row, "question")), choices=choices, label="ABCD".index(answer), uid="")
+
+
+def _arc(config: str, folder: str) -> TaskSpec:
+    return TaskSpec("allenai/ai2_arc", config, folder, {"train": "train.jsonl", "validation": "validation.jsonl"},
+                    _parse_arc, num_classes=5)
+
+
+def _winogrande(size: str) -> TaskSpec:
+    return TaskSpec("allenai/winogrande", f"winogrande_{size}", "winogrande",
+                    {"train": f"train_{size}.jsonl", "validation": "validation.jsonl"},
+                    _parse_winogrande, num_classes=2, answer_words=("A", "B"), kind="cloze")
+
+
+def _mmlu(subject: str) -> TaskSpec:
+    return TaskSpec("cais/mmlu", subject, "mmlu",
+                    {"test": f"{subject}_test.csv", "dev": f"{subject}_dev.csv"},
+                    _parse_mmlu, num_classes=4, answer_words=tuple("ABCD"),
+                    csv_columns=("question", "A", "B", "C", "D", "answer"))
+
+
+def _mmlu_hub_row(row: Row) -> Row:
+    """cais/mmlu on the hub stores ``choices`` as a list and ``answer`` as an index."""
+    if "choices" in row:
+        row = {"question": row["question"], **dict(zip("ABCD", row["choices"])), "answer": "ABCD"[row["answer"]]}
+    return row
+
+
+TASKS: dict[str, TaskSpec] = {
+    "arc_challenge": _arc("ARC-Challenge", "arc_challenge"),
+    "arc_easy": _arc("ARC-Easy", "arc_easy"),
+    "openbookqa": TaskSpec("allenai/openbookqa", "main", "openbookqa",
+                           {"train": "train.jsonl", "validation": "validation.jsonl"},
+                           _parse_obqa, num_classes=4, answer_words=tuple("ABCD")),
+    "winogrande_xs": _winogrande("xs"),
+    "winogrande_s": _winogrande("s"),
+    "winogrande_m": _winogrande("m"),
+    "boolq": TaskSpec("google/boolq", None, "boolq",
+                      {"train": "train_nopassage.jsonl", "validation": "validation.jsonl"},
+                      _parse_boolq, num_classes=2, answer_words=("False", "True"), kind="boolean"),
+    "mmlu_college_chemistry": _mmlu("college_chemistry"),
+    "mmlu_college_physics": _mmlu("college_physics"),
+}
+
+
+def task_names() -> list[str]:
+    return list(TASKS)
+
+
+def task_spec(name: str) -> TaskSpec:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise UnknownTaskError(f"Unknown task {name!r}; expected one of {', '.join(TASKS)}") from None
+
+
+def default_data_dir() -> Path | None:
+    """``$BAYES_POLAR_DATA`` as a path, or None (then tasks come from the hub)."""
+    value = os.environ.get(DATA_ENV)
+    return Path(value) if value else None
+
+
+def load_task(name: str, split: str, data_dir: str | os.PathLike | None = None, limit: int | None = None) -> Task:
+    """Load one split of a task as validated :class:`Example` s.
+
+    Parameters
+    ----------
+    name: one of :func:`task_names`.
+    split: ``train``, ``validation`` (``test``/``dev`` for MMLU).
+    data_dir: folder of the local mirror (see ``shared/data/README.md``); defaults to
+        ``$BAYES_POLAR_DATA``; when neither is set the hub id is used.
+    limit: keep only the first ``limit`` examples (after validation of those rows).
+    """
+    spec = task_spec(name)
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    if data_dir is not None:
+        rows, source = _local_rows(spec, split, data_dir, limit)
+    else:
+        rows, source = _hub_rows(name, spec, split, limit)
+    examples, dropped = [], 0
+    for where, row in rows:
+        example = _parse_located(spec, row, source, where)
+        if example is None:
+            dropped += 1
+            continue
+        examples.append(example)
+    if not examples:
+        raise DataFormatError(f"{source}: split {split!r} of task {name!r} has no usable rows")
+    if dropped:
+        warnings.warn(f"{name}/{split}: dropped {dropped} row(s) of {source}", BayesPolarWarning, stacklevel=2)
+    return Task(name, split, examples, spec.num_classes, spec.answer_words, source, dropped, spec.kind)
+
+
+def _parse_located(spec: TaskSpec, row: Row, source: str, where: str) -> Example | None:
+    """Parse a row, turning any problem into a DataFormatError that says where it is."""
+    try:
+        example = spec.parse(row)
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        message = exc.args[0] if exc.args else repr(exc)
+        raise DataFormatError(f"{source}:{where}: {message}") from None
+    if len(example.choices) > spec.num_classes:
+        return None  # more choices than the task's answer words can name
+    return example
+
+
+def _local_rows(spec: TaskSpec, split: str, data_dir: Path, limit: int | None):
+    if split not in spec.files:
+        raise DataFormatError(f"Task has no local split {split!r}; local splits: {', '.join(spec.files)}")
+    path = data_dir / spec.folder / spec.files[split]
+    if not path.exists():
+        raise FileNotFoundError(f"No data file at {path} (data dir {data_dir}); see shared/data/README.md")
+    if spec.csv_columns:
+        return _csv_rows(path, spec.csv_columns, limit), str(path)
+    return _jsonl_rows(path, limit), str(path)
+
+
+def _jsonl_rows(path: Path, limit: int | None):
+    """Rows of a JSONL file through ``datasets``, each with its line number."""
+    lines = _nonblank_lines(path)
+    try:
+        dataset = _load_dataset("json", data_files=str(path), split="train")
+    except Exception as exc:  # datasets/pyarrow give no line number: find it ourselves
+        raise _locate_json_error(path) or DataFormatError(f"{path}: cannot be read as JSON lines ({exc})") from None
+    if len(dataset) != len(lines):
+        raise _locate_json_error(path) or DataFormatError(f"{path}: {len(dataset)} rows for {len(lines)} lines")
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    return [(f"line {lines[i]}", dataset[i]) for i in range(n)]
+
+
+def _csv_rows(path: Path, columns: tuple[str, ...], limit: int | None):
+    """Rows of a header-less CSV file through ``datasets`` (MMLU's original format)."""
+    try:
+        dataset = _load_dataset("csv", data_files=str(path), split="train", column_names=list(columns),
+                                header=None, keep_default_na=False, dtype=str)
+    except Exception as exc:
+        raise DataFormatError(f"{path}: cannot be read as CSV with columns {list(columns)} ({exc})") from None
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    return [(f"row {i + 1}", dataset[i]) for i in range(n)]
+
+
+def _nonblank_lines(path: Path) -> list[int]:
+    with open(path, encoding="utf-8") as f:
+        return [i for i, line in enumerate(f, start=1) if line.strip()]
+
+
+def _locate_json_error(path: Path) -> DataFormatError | None:
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                return DataFormatError(f"{path}:line {i}: not valid JSON ({exc.msg} at column {exc.colno})")
+            if not isinstance(value, dict):
+                return DataFormatError(f"{path}:line {i}: expected a JSON object, got {type(value).__name__}")
+    return None
+
+
+def _hub_rows(name: str, spec: TaskSpec, split: str, limit: int | None):
+    hint = f"Pass --data-dir or set ${DATA_ENV} to a local mirror (see shared/data/README.md)."
+    source = spec.hub_id + (f" ({spec.hub_config})" if spec.hub_config else "")
+    require_hub("dataset", source, hint)
+    dataset = _load_dataset(spec.hub_id, spec.hub_config, split=spec.hub_splits.get(split, split))
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    fix = _mmlu_hub_row if spec.hub_id == "cais/mmlu" else (lambda r: r)
+    return [(f"row {i}", fix(dataset[i])) for i in range(n)], source
+
+
+def _load_dataset(*args, **kwargs):
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets.load_dataset(*args, **kwargs)
