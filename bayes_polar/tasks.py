@@ -270,9 +270,12 @@ def _jsonl_rows(path: Path, limit: int | None):
 
 def _csv_rows(path: Path, columns: tuple[str, ...], limit: int | None):
     """Rows of a header-less CSV file through ``datasets`` (MMLU's original format)."""
+    import datasets
+
+    features = datasets.Features({column: datasets.Value("string") for column in columns})
     try:
         dataset = _load_dataset("csv", data_files=str(path), split="train", column_names=list(columns),
-                                header=None, keep_default_na=False, dtype=str)
+                                header=None, keep_default_na=False, features=features, on_bad_lines="error")
     except Exception as exc:
         raise DataFormatError(f"{path}: cannot be read as CSV with columns {list(columns)} ({exc})") from None
     n = len(dataset) if limit is None else min(limit, len(dataset))
