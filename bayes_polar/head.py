@@ -50,7 +50,7 @@ class Prior(ABC):
         """:meth:`weight_dist` with event shape exactly (num_rows, in_features)."""
         d = self.weight_dist(in_features, num_rows)
         missing = 2 - len(d.event_shape)
-        if missing > 0:
+        if 0 < missing <= len(d.batch_shape):
             d = d.to_event(missing)
         if tuple(d.event_shape) != (num_rows, in_features):
             raise ShapeMismatchError(
