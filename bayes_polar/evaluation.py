@@ -24,7 +24,7 @@ import math
 import operator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import torch
 from torch import Tensor
