@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from . import __version__
+
+DEMO = dict(model="smollm2-135m", task="arc_easy", format="options", method="polar-vbll", train_limit=600,
+            steps=150, batch_size=8, layers="-2,-1", max_length=128, threads=2, checkpoint_every=50)
 
 
 def _cmd_tasks(args) -> int:
@@ -21,6 +25,49 @@ def _cmd_tasks(args) -> int:
     return 0
 
 
+def _config(args, base: dict | None = None):
+    from .config import FitConfig, config_from_args
+
+    values = dict(base or {})
+    if args.config:
+        values.update(FitConfig.load(args.config).to_dict())
+    return config_from_args(args, values)
+
+
+def _cmd_fit(args) -> int:
+    from .run import run_fit
+
+    run_fit(_config(args), args.out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .run import run_fit
+
+    config = _config(args, DEMO)
+    print("bayes-polar demo: " + json.dumps({k: getattr(config, k) for k in DEMO}))
+    run_fit(config, args.out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .run import evaluate_run
+
+    evaluate_run(args.run_dir, args.task, args.split, args.data_dir, args.limit)
+    return 0
+
+
+def _add_fit_arguments(parser) -> None:
+    from .config import add_config_arguments
+
+    parser.add_argument("--out", required=True, help="RUN_DIR for config, metrics, figures, weights, checkpoints")
+    parser.add_argument("--config", default=None, help="JSON file of options (command-line options win)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing RUN_DIR")
+    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR's latest checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_arguments(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bayes-polar",
@@ -28,6 +75,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"bayes-polar {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    fit = sub.add_parser("fit", help="fine-tune a method on a task and evaluate it",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_fit_arguments(fit)
+    fit.set_defaults(func=_cmd_fit)
+
+    demo = sub.add_parser("demo", help="the README's main job: PoLAR-VBLL on SmolLM2-135M and ARC-Easy (~10 min)")
+    _add_fit_arguments(demo)
+    demo.set_defaults(func=_cmd_demo)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a finished run on another task/split")
+    evaluate.add_argument("run_dir", help="a RUN_DIR written by bayes-polar fit")
+    evaluate.add_argument("--task", required=True, help="task name (bayes-polar tasks)")
+    evaluate.add_argument("--split", default=None, help="split (default: validation, or test for MMLU)")
+    evaluate.add_argument("--data-dir", default=None, help="local data mirror (default: the run's or $BAYES_POLAR_DATA)")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
     tasks = sub.add_parser("tasks", help="list the benchmark tasks and their row counts")
     tasks.add_argument("--data-dir", default=None, help="local data mirror (default: $BAYES_POLAR_DATA)")
     tasks.set_defaults(func=_cmd_tasks)
@@ -35,12 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .errors import BayesPolarError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BayesPolarError as exc:
+        print(f"bayes-polar: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 ``letters`` (the paper's protocol, BLoB's prompt): one prompt lists the choices as ``A) ...``;
 φ is the final hidden state at the last prompt token; class logits ``W φ`` with one row of W per
-answer letter (initialisable from the LM head rows of `` A``, `` B``, ...).
+answer word (initialisable from the LM head rows of `` A``, `` B``, ...). Lettered tasks all
+use A-E, so a head trained on a 4-choice task also scores 5-choice questions.
 
 ``options`` (per-option scoring): one sequence per choice, ``context + continuation``;
 φ_c is the final hidden state at the last token of sequence c, optionally extended by the LM's
@@ -124,8 +125,10 @@ def encode_task(task: Task, tokenizer, format: str = "options", max_length: int 
         raise ConfigError(f"Expected max_length >= 8 but got {max_length}")
     encode = _encode_letters if format == "letters" else _encode_options
     items = [encode(example, task.kind, tokenizer, max_length) for example in task.examples]
-    answer_ids = answer_token_ids(tokenizer, task.answer_words[: task.num_classes]) if format == "letters" else []
-    return EncodedTask(task, format, items, task.num_classes, max_length, answer_ids)
+    if format == "letters":  # one class per answer word (A-E), whatever the question's choice count
+        answer_ids = answer_token_ids(tokenizer, task.answer_words)
+        return EncodedTask(task, format, items, len(task.answer_words), max_length, answer_ids)
+    return EncodedTask(task, format, items, task.num_classes, max_length, [])
 
 
 def _tokens(tokenizer, text: str) -> list[int]:

@@ -45,7 +45,7 @@ class Task:
     split: str
     examples: list[Example]
     num_classes: int  # the most choices any question of this task can have
-    answer_words: tuple[str, ...]  # what the letters format asks the LM to say, per class
+    answer_words: tuple[str, ...]  # what the letters format asks the LM to say (one head row each)
     source: str  # file or hub id
     dropped: int = 0  # rows skipped (reported, never silent)
     kind: str = "qa"  # "qa", "cloze" (WinoGrande's blank) or "boolean"
@@ -156,7 +156,7 @@ def _winogrande(size: str) -> TaskSpec:
 def _mmlu(subject: str) -> TaskSpec:
     return TaskSpec("cais/mmlu", subject, "mmlu",
                     {"test": f"{subject}_test.csv", "dev": f"{subject}_dev.csv"},
-                    _parse_mmlu, num_classes=4, answer_words=tuple("ABCD"),
+                    _parse_mmlu, num_classes=4,
                     csv_columns=("question", "A", "B", "C", "D", "answer"))
 
 
@@ -172,7 +172,7 @@ TASKS: dict[str, TaskSpec] = {
     "arc_easy": _arc("ARC-Easy", "arc_easy"),
     "openbookqa": TaskSpec("allenai/openbookqa", "main", "openbookqa",
                            {"train": "train.jsonl", "validation": "validation.jsonl"},
-                           _parse_obqa, num_classes=4, answer_words=tuple("ABCD")),
+                           _parse_obqa, num_classes=4),
     "winogrande_xs": _winogrande("xs"),
     "winogrande_s": _winogrande("s"),
     "winogrande_m": _winogrande("m"),

@@ -1,0 +1,226 @@
+"""Run configuration: one dataclass, validated, saved in every run directory and checkpoint.
+
+The CLI builds its options from the fields (``--key value``, type-checked against the
+default's type; ``help`` from the field metadata); a JSON config file can set them too
+(``--config run.json``), command-line options win. Unknown keys raise ConfigError.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import ConfigError
+from .formats import FORMATS
+
+METHODS = ("polar-vbll", "polar-vbll-la", "polar-mle", "lora-vbll", "lora-mle", "lora-map", "lora-mcdropout",
+           "lora-ensemble", "lora-laplace", "temperature-scaling")
+SCHEDULES = ("cosine", "linear", "constant")
+MODES = ("alternating", "joint")
+
+
+def _help(text: str, default=MISSING, **kwargs):
+    if default is MISSING:
+        return field(metadata={"help": text}, **kwargs)
+    return field(default=default, metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class FitConfig:
+    """Everything needed to rerun a ``bayes-polar fit``."""
+
+    # data and backbone
+    model: str = _help("backbone: smollm2-135m (embedded), tiny-random-llama, a local folder or a hub id", "smollm2-135m")
+    task: str = _help("training task (bayes-polar tasks lists them)", "arc_easy")
+    data_dir: str | None = _help("local data mirror (default: $BAYES_POLAR_DATA; none: the hub)", None)
+    format: str = _help("answer format: options (per-option scoring) or letters (the paper's)", "options")
+    train_limit: int | None = _help("use only the first N training questions", None)
+    eval_tasks: str = _help("comma-separated task[:split] evaluated after training (default: the task's "
+                            "validation split)", "")
+    eval_limit: int | None = _help("evaluate on the first N questions of each split", None)
+    max_length: int = _help("tokens per sequence; longer prompts lose tokens from the left", 256)
+    loglik_features: bool = _help("options: append the LM's option log-likelihood (sum, mean) to the features", True)
+    # method and last layer
+    method: str = _help(f"one of {', '.join(METHODS)}", "polar-vbll")
+    prior: str = _help("prior name (isotropic, width_scaled, ard, ard_empirical, student_t, lm_head) or a .py file",
+                       "isotropic")
+    prior_args: str = _help('JSON keyword arguments of the prior, e.g. \'{"variance": 0.5}\'', "{}")
+    guide: str = _help("guide name (full, diagonal, lowrank, auto_mvn, ...) or a .py file", "full")
+    guide_args: str = _help('JSON keyword arguments of the guide, e.g. \'{"rank": 4}\'', "{}")
+    elbo: str = _help("ELBO estimator: jensen (closed form), mc or mc_meanfield (Pyro, any prior)", "jensen")
+    num_particles: int = _help("Monte Carlo ELBO particles (W only; the backbone runs once)", 8)
+    kl_weight: float | None = _help("weight of KL in the per-example ELBO (default 1/N)", None)
+    head_init: str = _help("initial head mean: zero_shot (the LM's own scores) or prior", "zero_shot")
+    # adapters
+    rank: int = _help("adapter rank r", 8)
+    alpha: float = _help("adapter scaling numerator (scale = alpha / r)", 16.0)
+    target_modules: str = _help("comma-separated module names that get adapters", "q_proj,v_proj")
+    layers: str = _help("comma-separated block indices with adapters (negative from the end), or 'all'", "-4,-3,-2,-1")
+    adapter_optimizer: str = _help("riemannian_adam (geoopt) or landing", "riemannian_adam")
+    # optimisation
+    steps: int = _help("training minibatch steps", 300)
+    batch_size: int = _help("questions per minibatch", 8)
+    lr: float = _help("adapter learning rate (X, Y, Θ)", 1e-3)
+    head_lr: float = _help("last-layer (guide or point head) learning rate", 1e-2)
+    weight_decay: float = _help("adapter weight decay (lora-map adds a prior on the head too)", 0.0)
+    mode: str = _help("alternating (guide step, then adapter step) or joint (one step on both)", "alternating")
+    guide_steps: int = _help("guide steps per round (alternating)", 1)
+    adapter_steps: int = _help("adapter steps per round (alternating)", 1)
+    head_warmup_steps: int = _help("first steps update the head only", 0)
+    schedule: str = _help("learning-rate schedule: cosine, linear or constant", "cosine")
+    warmup_steps: int = _help("linear learning-rate warm-up steps", 20)
+    clip_norm: float | None = _help("gradient-norm clipping (None: off)", 1.0)
+    seed: int = _help("random seed", 0)
+    # prediction
+    predictive_samples: int = _help("last-layer samples S of the posterior predictive", 256)
+    mc_passes: int = _help("lora-mcdropout: stochastic passes at test time", 10)
+    dropout: float = _help("lora-mcdropout: adapter dropout", 0.1)
+    ensemble_size: int = _help("lora-ensemble: members M", 3)
+    # execution
+    prefix_cache: bool = _help("cache the hidden states entering the first adapted block (frozen blocks run once)", True)
+    cache_dtype: str = _help("dtype of the prefix cache: float32 (exact) or float16", "float32")
+    threads: int = _help("torch CPU threads", 2)
+    checkpoint_every: int = _help("steps between checkpoints (0: only at the end)", 50)
+    eval_batch_size: int = _help("questions per evaluation batch", 16)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        _one_of("format", self.format, FORMATS)
+        _one_of("method", self.method, METHODS)
+        _one_of("schedule", self.schedule, SCHEDULES)
+        _one_of("mode", self.mode, MODES)
+        _one_of("elbo", self.elbo, ("jensen", "mc", "mc_meanfield"))
+        _one_of("adapter_optimizer", self.adapter_optimizer, ("riemannian_adam", "landing"))
+        _one_of("head_init", self.head_init, ("zero_shot", "prior"))
+        _one_of("cache_dtype", self.cache_dtype, ("float32", "float16", "bfloat16"))
+        for name in ("steps", "batch_size", "rank", "num_particles", "guide_steps", "adapter_steps",
+                     "predictive_samples", "mc_passes", "ensemble_size", "threads", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"Expected {name} >= 1 but got {getattr(self, name)}")
+        for name in ("head_warmup_steps", "warmup_steps", "checkpoint_every", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"Expected {name} >= 0 but got {getattr(self, name)}")
+        for name in ("lr", "head_lr", "alpha"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"Expected {name} > 0 but got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"Expected 0 <= dropout < 1 but got {self.dropout}")
+        if self.kl_weight is not None and self.kl_weight < 0:
+            raise ConfigError(f"Expected kl_weight >= 0 but got {self.kl_weight}")
+        self.prior_kwargs, self.guide_kwargs  # parse now: bad JSON fails early
+        self.layer_indices
+
+    @property
+    def prior_kwargs(self) -> dict:
+        return _json_dict("prior_args", self.prior_args)
+
+    @property
+    def guide_kwargs(self) -> dict:
+        return _json_dict("guide_args", self.guide_args)
+
+    @property
+    def layer_indices(self) -> list[int] | None:
+        if self.layers.strip().lower() == "all":
+            return None
+        try:
+            return [int(x) for x in self.layers.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"layers must be 'all' or comma-separated integers, got {self.layers!r}") from None
+
+    @property
+    def target_module_names(self) -> list[str]:
+        return [x.strip() for x in self.target_modules.split(",") if x.strip()]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path) -> None:
+        from .checkpoint import atomic_write_json
+
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "FitConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"Unknown configuration keys {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path) -> "FitConfig":
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"Cannot read the configuration {path}: {exc}") from None
+        return cls.from_dict(values)
+
+
+def _one_of(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def _json_dict(name: str, text: str) -> dict:
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{name} must be a JSON object, got {text!r} ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a JSON object, got {text!r}")
+    return value
+
+
+def add_config_arguments(parser, cls=FitConfig, skip=()) -> None:
+    """Add one ``--key`` option per dataclass field (defaults left as None: unset)."""
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_type(f)
+        if kind is bool:
+            parser.add_argument(flag, type=_parse_bool, default=None, metavar="{true,false}",
+                                help=f"{f.metadata['help']} (default: {f.default})")
+        else:
+            parser.add_argument(flag, type=_optional(kind), default=None,
+                                help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def config_from_args(args, base: dict | None = None, cls=FitConfig):
+    """Merge a config file / base dict with the options given on the command line."""
+    values = dict(base or {})
+    for f in fields(cls):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = None if given == "none" else given
+    return cls.from_dict(values)
+
+
+def _field_type(f):
+    kind = f.type if not isinstance(f.type, str) else f.type
+    text = str(kind)
+    for candidate in (bool, int, float, str):
+        if text.startswith(candidate.__name__):
+            return candidate
+    return str
+
+
+def _optional(kind):
+    def parse(text: str):
+        if text.lower() == "none":
+            return "none"
+        return kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")

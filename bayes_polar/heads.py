@@ -1,0 +1,189 @@
+"""Last layers the training loop drives: the variational Bayesian head and a point-estimate head.
+
+Both take :class:`~bayes_polar.features.Features` and labels, expose ``loss`` (per example,
+differentiable in the features: what the adapter step minimises) and ``predict_proba``. The
+loop never needs to know which one it drives.
+"""
+from __future__ import annotations
+
+import inspect
+from functools import partial
+
+import pyro
+import pyro.optim
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from pyro.infer import SVI
+from pyro.infer.autoguide.initialization import init_to_value
+from pyro.optim.clipped_adam import ClippedAdam
+from torch import nn
+
+from .elbo import make_elbo
+from .errors import ConfigError
+from .features import Features
+from .head import BayesianLastLayer, Prior, head_logits
+from .posterior import WEIGHT_SITE, initialize_guide, weight_posterior
+from .predictive import DEFAULT_NUM_SAMPLES, mean_proba, predictive_proba, pyro_predictive_proba
+from .registry import load_guide, make_guide
+
+
+def zero_shot_weights(format: str, feature_dim: int, answer_rows: torch.Tensor | None = None,
+                      loglik_features: bool = True) -> torch.Tensor:
+    """Head weights that reproduce the zero-shot LM: (K, D).
+
+    ``letters``: the LM head rows of the answer tokens. ``options``: 1 on the summed option
+    log-likelihood feature (index D − 2), 0 elsewhere; zeros (uniform) without those features.
+    """
+    if format == "letters":
+        return answer_rows.detach().float().clone()
+    weights = torch.zeros(1, feature_dim)
+    if loglik_features:
+        weights[0, feature_dim - 2] = 1.0
+    return weights
+
+
+class VariationalHead:
+    """The Bayesian last layer (Pyro model) and its guide, fitted by SVI on detached features.
+
+    Parameters
+    ----------
+    in_features, num_rows: D and K of W.
+    prior: a :class:`~bayes_polar.head.Prior`.
+    guide: a guide name, file or builder (see :func:`~bayes_polar.registry.load_guide`).
+    dataset_size: N, the number of training examples (scales the minibatch likelihood).
+    estimator: ``jensen``, ``mc`` or ``mc_meanfield``.
+    kl_weight: weight of KL in the per-example ELBO; None means 1/N (the true ELBO).
+    init_loc: initial posterior mean (K, D), e.g. the zero-shot head; None: the prior mean.
+    lr, lr_lambda, clip_norm: the guide optimiser (Pyro's ClippedAdam with a LambdaLR schedule).
+    """
+
+    def __init__(self, in_features: int, num_rows: int, prior: Prior, guide="full", *, dataset_size: int,
+                 estimator: str = "jensen", num_particles: int = 8, kl_weight: float | None = None,
+                 init_loc: torch.Tensor | None = None, lr: float = 1e-2, lr_lambda=None,
+                 clip_norm: float | None = None, guide_kwargs: dict | None = None):
+        pyro.clear_param_store()  # one head per process: Pyro's parameter store is global
+        self.model = BayesianLastLayer(in_features, num_rows, prior)
+        builder = load_guide(guide, **(guide_kwargs or {}))
+        if init_loc is not None and _accepts(builder, "init_loc_fn"):
+            builder = partial(builder, init_loc_fn=init_to_value(values={WEIGHT_SITE: init_loc}))
+        self.guide = make_guide(builder, self.model)
+        self.dataset_size = int(dataset_size)
+        self.kl_scale = 1.0 if kl_weight is None else float(kl_weight) * self.dataset_size
+        self.estimator = estimator
+        self.elbo = make_elbo(estimator, num_particles)
+        scaled = estimator == "jensen" or self.kl_scale == 1.0
+        self.elbo_guide = self.guide if scaled else poutine.scale(self.guide, scale=self.kl_scale)
+        optim_args = {"lr": lr, "clip_norm": clip_norm if clip_norm else 1e9}
+        self.optim = pyro.optim.LambdaLR({"optimizer": ClippedAdam, "optim_args": optim_args,
+                                          "lr_lambda": lr_lambda or (lambda step: 1.0)})
+        self.svi = SVI(self.model, self.elbo_guide, self.optim, self.elbo)
+
+    def _args(self, features: Features, labels):
+        kwargs = dict(dataset_size=self.dataset_size, kl_scale=self.kl_scale)
+        return (features.phi, features.mask, labels), kwargs
+
+    def setup(self, features: Features, labels) -> None:
+        """Create the guide's parameters (Pyro does it lazily on the first call)."""
+        args, kwargs = self._args(features.detach(), labels)
+        initialize_guide(self.guide, *args, **kwargs)
+
+    def guide_step(self, features: Features, labels) -> float:
+        """One SVI step on the guide (features detached); returns the per-example ELBO."""
+        args, kwargs = self._args(features.detach(), labels)
+        loss = self.svi.step(*args, **kwargs)
+        self.optim.step()  # the learning-rate schedule
+        return -loss / self.dataset_size
+
+    def loss(self, features: Features, labels) -> torch.Tensor:
+        """Negative per-example ELBO, differentiable in the features (the adapter step's loss)."""
+        args, kwargs = self._args(features, labels)
+        return self.elbo.differentiable_loss(self.model, self.elbo_guide, *args, **kwargs) / self.dataset_size
+
+    def posterior(self):
+        return weight_posterior(self.guide)
+
+    @torch.no_grad()
+    def predict_proba(self, features: Features, num_samples: int = DEFAULT_NUM_SAMPLES) -> torch.Tensor:
+        """Posterior predictive: closed-form logit sampling for Gaussian guides, Pyro's otherwise."""
+        try:
+            q = self.posterior()
+        except ConfigError:
+            return pyro_predictive_proba(self.guide, features.phi, features.mask, num_samples)
+        return predictive_proba(q, features.phi, features.mask, num_samples)
+
+    @torch.no_grad()
+    def point_proba(self, features: Features) -> torch.Tensor:
+        """softmax at the posterior mean (median for non-Gaussian guides): no sampling."""
+        try:
+            return mean_proba(self.posterior(), features.phi, features.mask)
+        except ConfigError:
+            args, kwargs = self._args(features, None)
+            weights = self.guide.median(*args, **kwargs)[WEIGHT_SITE]
+            return head_logits(weights, features.phi, features.mask).softmax(-1)
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """Unconstrained guide (and prior) parameters by Pyro name."""
+        return dict(pyro.get_param_store().named_parameters())
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().clone() for name, p in self.parameters().items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        params = self.parameters()
+        if set(params) != set(tensors):
+            raise ConfigError(f"Head parameters {sorted(tensors)} do not match the guide's {sorted(params)}")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(tensors[name])
+
+    def optimizer_state(self) -> dict:
+        return self.optim.get_state()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.optim.set_state(state)
+
+
+class PointHead(nn.Module):
+    """A point-estimate last layer W (K × D): MLE (cross-entropy) or MAP (plus −log p(W) / N).
+
+    .. math:: \\mathcal L = -\\frac1B \\sum_t \\log \\operatorname{softmax}(z_t)_{y_t} - \\frac1N \\log p(W)
+    """
+
+    def __init__(self, init: torch.Tensor, prior: Prior | None = None, dataset_size: int = 1):
+        super().__init__()
+        self.weight = nn.Parameter(init.detach().clone().float())
+        self.prior, self.dataset_size = prior, int(dataset_size)
+        self.temperature = 1.0
+
+    def logits(self, features: Features) -> torch.Tensor:
+        return head_logits(self.weight, features.phi, features.mask)
+
+    def loss(self, features: Features, labels) -> torch.Tensor:
+        loss = F.cross_entropy(self.logits(features), labels)
+        if self.prior is not None:
+            rows, dim = self.weight.shape
+            loss = loss - self.prior.distribution(dim, rows).log_prob(self.weight) / self.dataset_size
+        return loss
+
+    @torch.no_grad()
+    def predict_proba(self, features: Features, num_samples: int | None = None) -> torch.Tensor:
+        return (self.logits(features) / self.temperature).softmax(-1)
+
+    point_proba = predict_proba
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight.detach().clone(), "temperature": torch.tensor(self.temperature)}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.weight.copy_(tensors["weight"])
+        self.temperature = float(tensors.get("temperature", torch.tensor(1.0)))
+
+
+def _accepts(builder, name: str) -> bool:
+    target = builder.func if isinstance(builder, partial) else builder
+    try:
+        return name in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,206 @@
+"""Methods as compositions: adapters × head × steps × predictor (one training loop for all).
+
+=================  ==========  ===========  ============================  ===========================
+method             adapters    head         steps                         predict_proba
+=================  ==========  ===========  ============================  ===========================
+polar-vbll         PoLAR       variational  guide step + adapter step     posterior predictive
+polar-vbll-la      PoLAR       variational  guide step + adapter step     last-layer Laplace at μ
+polar-mle          PoLAR       point        adapter step (+ head)         softmax
+lora-vbll          LoRA        variational  guide step + adapter step     posterior predictive
+lora-mle           LoRA        point        adapter step (+ head)         softmax
+lora-map           LoRA + wd   point+prior  adapter step (+ head)         softmax
+lora-mcdropout     LoRA+drop   point        adapter step (+ head)         mean of K dropout passes
+lora-laplace       LoRA + wd   point+prior  adapter step (+ head)         last-layer Laplace, δ by evidence
+temperature-sc.    LoRA        point        adapter step (+ head)         softmax(z / T), T on held-out
+lora-ensemble      M × lora-mle (see :mod:`bayes_polar.run`)               mean of members
+=================  ==========  ===========  ============================  ===========================
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapters import adapter_state_dict, inject_lora, inject_polar, make_adapter_optimizer
+from .adapters.inject import find_blocks, resolve_layers
+from .config import FitConfig
+from .features import FeatureExtractor, Features
+from .heads import PointHead, VariationalHead
+from .laplace import fit_laplace
+from .predictive import predictive_proba
+from .steps import AdapterStep, GuideStep, JointStep, lr_lambda
+
+VARIATIONAL = ("polar-vbll", "polar-vbll-la", "lora-vbll")
+LAPLACE = ("polar-vbll-la", "lora-laplace")
+
+
+def is_variational(method: str) -> bool:
+    return method in VARIATIONAL
+
+
+def attach_adapters(model: nn.Module, config: FitConfig) -> list[str]:
+    """Inject PoLAR or peft LoRA adapters as the method asks; returns the adapted module names."""
+    kwargs = dict(target_modules=config.target_module_names, rank=config.rank, alpha=config.alpha,
+                  layers=config.layer_indices)
+    if config.method.startswith("polar"):
+        inject_polar(model, **kwargs)
+        return list(model.polar_targets)
+    dropout = config.dropout if config.method == "lora-mcdropout" else 0.0
+    inject_lora(model, dropout=dropout, **kwargs)
+    return list(model.lora_targets)
+
+
+def first_adapted_block(model: nn.Module, config: FitConfig) -> int:
+    """Index of the lowest block with adapters (0 when every block has them)."""
+    layers = config.layer_indices
+    if layers is None:
+        return 0
+    return min(resolve_layers(layers, len(find_blocks(model)[1])))
+
+
+@dataclass
+class Method:
+    """A trainable, predicting composition of backbone adapters, a head and steps."""
+
+    name: str
+    model: nn.Module
+    extractor: FeatureExtractor
+    head: VariationalHead | PointHead
+    steps: list
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    adapter_steps: int = 1
+    head_warmup_steps: int = 0
+    mc_passes: int = 1
+    warmup: list = field(default_factory=list)  # the steps run during the head-only warm-up
+    laplace: object = None  # GaussianWeights after a post-hoc Laplace fit
+    extras: dict = field(default_factory=dict)
+
+    def features(self, batch, grad: bool = False) -> Features:
+        with torch.set_grad_enabled(grad):
+            return self.extractor(batch)
+
+    def train_step(self, batch, step: int) -> dict:
+        """Run the method's steps on one minibatch; features are computed once per adapter update."""
+        self.model.train()
+        head_only = step < self.head_warmup_steps
+        features = self.features(batch, grad=not head_only)
+        logs = {}
+        for s in self.warmup if head_only else self.steps:
+            for repeat in range(self.adapter_steps if s.updates_adapters else 1):
+                if repeat:
+                    features = self.features(batch, grad=True)
+                logs.update(s(features, batch.labels))
+        return logs
+
+    @torch.no_grad()
+    def predict_proba(self, batch, num_samples: int) -> torch.Tensor:
+        """(B, C) predictive probabilities of this method."""
+        if self.mc_passes > 1:
+            self.model.train()  # dropout on: MC dropout
+            probs = torch.stack([self.head.predict_proba(self.features(batch)) for _ in range(self.mc_passes)])
+            self.model.eval()
+            return probs.mean(0)
+        self.model.eval()
+        features = self.features(batch)
+        if self.laplace is not None:
+            return predictive_proba(self.laplace, features.phi, features.mask, num_samples)
+        return self.head.predict_proba(features, num_samples)
+
+    @torch.no_grad()
+    def point_proba(self, batch) -> torch.Tensor:
+        """(B, C) probabilities at the point estimate (posterior mean): no sampling, one pass."""
+        self.model.eval()
+        return self.head.point_proba(self.features(batch))
+
+    def head_mean(self) -> torch.Tensor:
+        if isinstance(self.head, VariationalHead):
+            return self.head.posterior().loc.detach()
+        return self.head.weight.detach()
+
+    @torch.no_grad()
+    def fit_laplace(self, loader, prior_precision="marglik") -> float:
+        """Post-hoc last-layer Laplace at the head's mean, on the training features."""
+        self.model.eval()
+        phis, masks, labels = [], [], []
+        for batch in loader:
+            features = self.features(batch)
+            phis.append(features.phi), masks.append(features.mask), labels.append(batch.labels)
+        self.laplace, precision = fit_laplace(self.head_mean(), torch.cat(phis), torch.cat(labels),
+                                              torch.cat(masks), prior_precision)
+        self.extras["laplace_prior_precision"] = precision
+        return precision
+
+    # ----------------------------------------------------------------- state for checkpoints
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {f"adapter.{k}": v for k, v in adapter_state_dict(self.model).items()}
+        tensors.update({f"head.{k}": v for k, v in self.head.state_tensors().items()})
+        if self.laplace is not None:
+            tensors["laplace.loc"], tensors["laplace.factor"] = self.laplace.loc, self.laplace.factor
+        return tensors
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        from .adapters.io import _copy_in, check_manifest
+
+        adapters = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
+        check_manifest(adapter_state_dict(self.model), adapters)
+        _copy_in(self.model, adapters)
+        self.load_head_tensors({k: v for k, v in tensors.items() if not k.startswith("adapter.")})
+
+    def load_head_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Head (and Laplace) tensors as written by :meth:`state_tensors`, without the adapters."""
+        from .posterior import GaussianWeights
+
+        self.head.load_state_tensors({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
+        if "laplace.loc" in tensors:
+            self.laplace = GaussianWeights(tensors["laplace.loc"], factor=tensors["laplace.factor"],
+                                           triangular=True)
+
+    def optimizer_state(self) -> dict:
+        state = {"adapter_optimizer": self.optimizer.state_dict(), "adapter_scheduler": self.scheduler.state_dict()}
+        if isinstance(self.head, VariationalHead):
+            state["head_optimizer"] = self.head.optimizer_state()
+        return state
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["adapter_optimizer"])
+        self.scheduler.load_state_dict(state["adapter_scheduler"])
+        if "head_optimizer" in state:
+            self.head.load_optimizer_state(state["head_optimizer"])
+
+
+def build_method(config: FitConfig, model: nn.Module, extractor: FeatureExtractor, *, dataset_size: int,
+                 num_rows: int, init: torch.Tensor, prior) -> Method:
+    """Assemble the method of ``config`` around a backbone that already carries its adapters."""
+    schedule = lr_lambda(config.schedule, config.warmup_steps, config.steps)
+    weight_decay = config.weight_decay if config.method in ("lora-map", "lora-laplace") else 0.0
+    optimizer = make_adapter_optimizer(model, config.adapter_optimizer, lr=config.lr, weight_decay=weight_decay)
+    if is_variational(config.method):
+        head = VariationalHead(
+            extractor.feature_dim, num_rows, prior, config.guide, dataset_size=dataset_size,
+            estimator=config.elbo, num_particles=config.num_particles, kl_weight=config.kl_weight,
+            init_loc=init if config.head_init == "zero_shot" else None, lr=config.head_lr, lr_lambda=schedule,
+            clip_norm=config.clip_norm, guide_kwargs=config.guide_kwargs)
+    else:
+        head_prior = prior if config.method in ("lora-map", "lora-laplace") else None
+        head = PointHead(init, head_prior, dataset_size)
+        optimizer.add_param_group({"params": [head.weight], "lr": config.head_lr, "name": "head",
+                                   "weight_decay": 0.0})
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    loss_fn = head.loss
+    adapter_step = AdapterStep(loss_fn, optimizer, scheduler, config.clip_norm,
+                               name="neg_elbo" if is_variational(config.method) else "nll")
+    if not is_variational(config.method):
+        steps = [adapter_step]
+        head_only = torch.optim.Adam([head.weight], lr=config.head_lr)
+        warmup = [AdapterStep(loss_fn, head_only, None, config.clip_norm, name="nll")]
+    elif config.mode == "joint":
+        steps, warmup = [JointStep(head, adapter_step)], [GuideStep(head, config.guide_steps)]
+    else:
+        steps = [GuideStep(head, config.guide_steps), adapter_step]
+        warmup = steps[:1]
+    return Method(config.method, model, extractor, head, steps, optimizer, scheduler,
+                  adapter_steps=config.adapter_steps if config.mode == "alternating" else 1,
+                  head_warmup_steps=config.head_warmup_steps, warmup=warmup,
+                  mc_passes=config.mc_passes if config.method == "lora-mcdropout" else 1)

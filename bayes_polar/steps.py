@@ -1,0 +1,110 @@
+"""Optimisation steps: each updates one block of parameters on one minibatch and returns logs.
+
+PoLAR-VBLL alternates a :class:`GuideStep` (SVI on q with the features detached) and an
+:class:`AdapterStep` (X, Y, Θ on the same ELBO with q fixed). Point-estimate methods use one
+:class:`AdapterStep` that also moves their head. :class:`JointStep` is the non-alternating
+ablation. Learning-rate schedules are :func:`lr_lambda` factors.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from pyro import poutine
+from pyro.infer.util import zero_grads
+
+from .errors import NumericalError
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
+    """Multiplicative learning-rate factor per step: linear warm-up, then cosine/linear decay or constant."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+def _check_finite(name: str, value: torch.Tensor) -> None:
+    if not torch.isfinite(value).all():
+        raise NumericalError(f"{name} is not finite")
+
+
+class GuideStep:
+    """SVI step(s) on the guide, features detached: ``{"elbo": per-example ELBO}``."""
+
+    updates_adapters = False
+
+    def __init__(self, head, repeats: int = 1):
+        self.head, self.repeats = head, repeats
+
+    def __call__(self, features, labels) -> dict:
+        for _ in range(self.repeats):
+            elbo = self.head.guide_step(features, labels)
+        if not math.isfinite(elbo):
+            raise NumericalError(f"the ELBO is not finite ({elbo})")
+        return {"elbo": elbo}
+
+
+class AdapterStep:
+    """One optimiser step of ``params`` on ``loss_fn(features, labels)``; other parameters untouched.
+
+    Gradients are taken with ``torch.autograd.grad`` with respect to ``params`` only, so a guide
+    whose parameters also appear in the loss keeps no stale gradient for its next SVI step.
+    """
+
+    updates_adapters = True
+
+    def __init__(self, loss_fn, optimizer, scheduler=None, clip_norm: float | None = None, name: str = "loss"):
+        self.loss_fn, self.optimizer, self.scheduler = loss_fn, optimizer, scheduler
+        self.clip_norm, self.name = clip_norm, name
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def __call__(self, features, labels) -> dict:
+        loss = self.loss_fn(features, labels)
+        _check_finite(self.name, loss.detach())
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        logs = {self.name: loss.item()}
+        if self.clip_norm:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
+            _check_finite("gradient norm", norm)
+            logs["grad_norm"] = norm.item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return logs
+
+
+class JointStep:
+    """Non-alternating ablation: one backward through guide and adapters, both optimisers step."""
+
+    updates_adapters = True
+
+    def __init__(self, head, adapter_step: AdapterStep):
+        self.head, self.adapter_step = head, adapter_step
+
+    def __call__(self, features, labels) -> dict:
+        with poutine.trace(param_only=True) as capture:
+            loss = self.head.loss(features, labels)
+        _check_finite("loss", loss.detach())
+        guide_params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        adapters = self.adapter_step.params
+        loss.backward()
+        if self.adapter_step.clip_norm:
+            torch.nn.utils.clip_grad_norm_(adapters, self.adapter_step.clip_norm)
+        self.head.optim(guide_params)
+        self.head.optim.step()
+        zero_grads(guide_params)
+        self.adapter_step.optimizer.step()
+        self.adapter_step.optimizer.zero_grad(set_to_none=True)
+        if self.adapter_step.scheduler is not None:
+            self.adapter_step.scheduler.step()
+        return {"elbo": -loss.item()}

@@ -1,0 +1,41 @@
+"""Run configuration: validation messages, JSON round trip, CLI options and overrides."""
+import argparse
+
+import pytest
+
+from bayes_polar.config import FitConfig, add_config_arguments, config_from_args
+from bayes_polar.errors import ConfigError
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"method": "vbll"}, "method must be one of"),
+    ({"format": "words"}, "format must be one of"),
+    ({"steps": 0}, "Expected steps >= 1 but got 0"),
+    ({"lr": 0.0}, "Expected lr > 0 but got 0.0"),
+    ({"dropout": 1.0}, "Expected 0 <= dropout < 1"),
+    ({"prior_args": "{variance: 2}"}, "prior_args must be a JSON object"),
+    ({"layers": "top4"}, "layers must be 'all' or comma-separated integers"),
+    ({"elbo": "exact"}, "elbo must be one of"),
+])
+def test_invalid_values(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        FitConfig(**kwargs)
+
+
+def test_json_round_trip_and_unknown_keys(tmp_path):
+    config = FitConfig(task="openbookqa", prior_args='{"variance": 0.5}', layers="all")
+    config.save(tmp_path / "config.json")
+    again = FitConfig.load(tmp_path / "config.json")
+    assert again == config and again.prior_kwargs == {"variance": 0.5} and again.layer_indices is None
+    with pytest.raises(ConfigError, match=r"Unknown configuration keys \['learning_rate'\]"):
+        FitConfig.from_dict({"learning_rate": 0.1})
+
+
+def test_command_line_overrides_are_type_checked():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--steps", "12", "--prefix-cache", "false", "--kl-weight", "none", "--lr", "3e-4"])
+    config = config_from_args(args, {"task": "boolq", "steps": 5})
+    assert (config.steps, config.prefix_cache, config.kl_weight, config.lr, config.task) == (12, False, None, 3e-4, "boolq")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--steps", "many"])
