@@ -18,7 +18,15 @@ from .io import adapter_state_dict, load_adapters, save_adapters
 from .layer import PolarLinear
 from .lora import inject_lora
 from .modules import adapter_layers, lora_layers, merge_adapters, polar_layers, unmerge_adapters
-from .optim import LANDING_TOLERANCE, OPTIMIZERS, LandingAdamW, landing_field, make_adapter_optimizer, param_groups
+from .optim import (
+    LANDING_TOLERANCE,
+    OPTIMIZERS,
+    LandingAdamW,
+    RiemannianAdam,
+    landing_field,
+    make_adapter_optimizer,
+    param_groups,
+)
 
 __all__ = [
     "LANDING_TOLERANCE",
@@ -26,6 +34,7 @@ __all__ = [
     "LandingAdamW",
     "PolarConfig",
     "PolarLinear",
+    "RiemannianAdam",
     "adapter_diagnostics",
     "adapter_layers",
     "adapter_state_dict",

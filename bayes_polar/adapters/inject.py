@@ -4,7 +4,8 @@ Matching follows peft (``tuners_utils.check_target_module_exists``): a ``str`` i
 must match the whole module name; a list matches a name exactly or as a ``.name`` suffix;
 ``exclude_modules`` is checked first. Block selection is by index into the decoder's block list
 (found through ``model.get_decoder()``), so it works for any model whose decoder keeps its blocks
-in one ``nn.ModuleList``.
+in one ``nn.ModuleList``. Unlike peft's ``layers_to_transform``, ``layers`` also restricts regex
+targets.
 """
 from __future__ import annotations
 

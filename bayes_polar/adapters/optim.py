@@ -9,7 +9,8 @@ Euclidean gradient G of a Stiefel factor X by
 
 .. math:: \Lambda(X) = (G X^\top - X G^\top) X + \lambda\, X (X^\top X - I_r)
 
-(relative Riemannian gradient plus the gradient of :math:`\tfrac{\lambda}{4}\|X^\top X - I\|_F^2`)
+(twice the relative gradient :math:`\operatorname{skew}(G X^\top) X`, plus the gradient of
+:math:`\tfrac{\lambda}{4}\|X^\top X - I\|_F^2`)
 and lets AdamW step along it with no retraction. X is never projected back: it "lands" on the
 manifold as the second term pulls it in, and stays within a small distance of it
 (:data:`LANDING_TOLERANCE`, measured, not guaranteed: Adam's per-coordinate scaling voids the
@@ -25,9 +26,12 @@ from ._geoopt import geoopt
 
 OPTIMIZERS = ("riemannian_adam", "landing")
 
-LANDING_TOLERANCE = 1e-2
-"""Bound on ``‖XᵀX − I‖_F`` that the landing optimiser keeps with ``lr <= 1e-2`` and ``λ = 1``
-(1,000 steps on the tiny Llama stay about 10× below it; ``tests/adapters/test_optim.py``)."""
+LANDING_TOLERANCE = 0.05
+"""Documented bound on ``‖XᵀX − I‖_F`` under the landing optimiser with ``lr <= 1e-3``, ``λ = 1``.
+
+Measured worst case over 1,000 steps, from X, Y on the manifold: 0.012 on the tiny Llama, 0.020 to
+0.024 for single layers from 32×16 (r = 4) to 576×576 (r = 8). The drift grows about linearly
+with lr (0.065 at lr = 3e-3 for a 576×576 layer): check ``orthogonality_error`` at larger rates."""
 
 
 def param_groups(model_or_params, lr: float = 1e-3, theta_lr: float | None = None, weight_decay: float = 0.0,
@@ -65,6 +69,21 @@ def landing_field(x: torch.Tensor, grad: torch.Tensor, landing_lambda: float) ->
     return relative + landing_lambda * (x @ (gram - eye))  # (n, r)
 
 
+class RiemannianAdam(geoopt.optim.RiemannianAdam):
+    """:class:`geoopt.optim.RiemannianAdam` whose ``load_state_dict`` keeps ``step`` a Python int.
+
+    ``torch.optim.Adam.__setstate__`` (run by ``load_state_dict``) turns geoopt's int step counts
+    into float32 tensors; geoopt then computes the bias corrections :math:`1 - \\beta^t` in float32
+    instead of float64, and a resumed run drifts from the uninterrupted one (~1e-7 per step).
+    """
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = int(state["step"].item())
+
+
 class LandingAdamW(torch.optim.AdamW):
     r"""AdamW whose groups with a ``landing_lambda`` step along :func:`landing_field`, not the gradient.
 
@@ -94,10 +113,13 @@ def make_adapter_optimizer(model_or_params, name: str = "riemannian_adam", lr: f
                            landing_lambda: float = 1.0, stabilize: int | None = None) -> torch.optim.Optimizer:
     r"""One optimiser for all adapter parameters, chosen by name.
 
-    - ``riemannian_adam``: :class:`geoopt.optim.RiemannianAdam`; X, Y take Riemannian Adam steps
+    - ``riemannian_adam``: :class:`RiemannianAdam` (geoopt's, resumable); X, Y take Riemannian Adam steps
       with the QR retraction of :class:`geoopt.EuclideanStiefel`, Θ (and LoRA factors) plain Adam.
     - ``landing``: :class:`LandingAdamW`; X, Y step along the landing field (module docstring),
       no retraction; Θ plain AdamW.
+
+    ``weight_decay`` reaches the Euclidean group only: as an L2 term added to the gradient under
+    ``riemannian_adam`` (geoopt follows ``torch.optim.Adam``), decoupled under ``landing``.
 
     Parameters
     ----------
@@ -113,7 +135,7 @@ def make_adapter_optimizer(model_or_params, name: str = "riemannian_adam", lr: f
             raise ConfigError(f"Expected {key} > 0 but got {value!r}")
     groups = _groups(model_or_params, lr, theta_lr, weight_decay, stabilize)
     if name == "riemannian_adam":
-        return geoopt.optim.RiemannianAdam(groups, lr=lr)
+        return RiemannianAdam(groups, lr=lr)
     for group in groups:
         group.pop("stabilize", None)
         if group.get("name") == "stiefel":
