@@ -47,3 +47,15 @@ class CheckpointError(BayesPolarError, OSError):
 
 class ConfigError(BayesPolarError, ValueError):
     """An invalid configuration value or an unknown configuration key."""
+
+
+class UnsupportedModuleError(BayesPolarError, TypeError):
+    """A matched module that an adapter cannot wrap (names the module and its type)."""
+
+
+class OffManifoldError(BayesPolarError, AssertionError):
+    """A Stiefel factor whose Gram matrix is farther from the identity than allowed."""
+
+
+class AdapterMismatchError(BayesPolarError, ValueError):
+    """Saved adapters whose tensor names or shapes differ from the model's adapters."""
