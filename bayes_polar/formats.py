@@ -224,8 +224,12 @@ class _Indexed(torch.utils.data.Dataset):
 
 def make_loader(encoded: EncodedTask, tokenizer, batch_size: int = 8, shuffle: bool = False,
                 seed: int = 0, sampler=None) -> torch.utils.data.DataLoader:
-    """A DataLoader of :class:`Batch` es; ``shuffle`` uses its own seeded generator."""
-    generator = torch.Generator().manual_seed(seed) if shuffle and sampler is None else None
+    """A DataLoader of :class:`Batch` es; ``shuffle`` uses its own seeded generator.
+
+    The loader always owns a generator, so creating an iterator never draws from the global
+    torch RNG (which would shift Monte Carlo draws and break exact resumption).
+    """
+    generator = torch.Generator().manual_seed(seed)
     collate = Collator(tokenizer.pad_token_id, encoded.num_classes, encoded.format == "options")
     return torch.utils.data.DataLoader(
         _Indexed(encoded), batch_size=batch_size, shuffle=shuffle and sampler is None,

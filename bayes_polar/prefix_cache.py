@@ -75,6 +75,23 @@ class CachedTrunk:
         return self._run_top(prefix, batch.attention_mask)
 
     @torch.no_grad()
+    def warm(self, loader, progress: bool = False) -> int:
+        """Compute the states of every sequence of ``loader`` now, in its (fixed) order.
+
+        Filling the cache in one canonical order makes the stored states independent of the
+        training order (padding changes float rounding), so a resumed run sees the same ones.
+        """
+        from tqdm.auto import tqdm
+
+        before = len(self)
+        for batch in tqdm(loader, desc="caching frozen blocks", disable=not progress, leave=False):
+            keys = [_sequence_key(ids[mask.bool()]) for ids, mask in zip(batch.input_ids, batch.attention_mask)]
+            missing = [i for i, key in enumerate(keys) if key not in self.store]
+            if missing:
+                self._fill(batch, missing, keys)
+        return len(self) - before
+
+    @torch.no_grad()
     def _fill(self, batch: Batch, rows: list[int], keys: list[str]) -> None:
         """Run blocks < k on the given rows and store each sequence's states for its real tokens."""
         ids, mask = batch.input_ids[rows], batch.attention_mask[rows]

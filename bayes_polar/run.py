@@ -29,7 +29,7 @@ from .methods import Method, attach_adapters, build_method, first_adapted_block,
 from .prefix_cache import CachedTrunk
 from .registry import load_prior
 from .tasks import load_task, task_spec
-from .train import epoch_loader, fit, restore_training_state, training_state
+from .train import epoch_loader, fit, restore_training_state, training_state, warm_prefix_cache
 
 
 @dataclass
@@ -127,6 +127,7 @@ def run_fit(config: FitConfig, out, overwrite: bool = False, resume: bool = Fals
     config.save(run_dir / "config.json")
     started = time.time()
     pipe = build_pipeline(config)
+    warm_prefix_cache(pipe.method, pipe.train, pipe.tokenizer, config.eval_batch_size, progress)
     step, trace = 0, []
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:

@@ -25,6 +25,14 @@ def epoch_loader(encoded, tokenizer, batch_size: int, seed: int, num_replicas: i
     return make_loader(encoded, tokenizer, batch_size=batch_size, sampler=sampler)
 
 
+def warm_prefix_cache(method, encoded, tokenizer, batch_size: int, progress: bool = False) -> int:
+    """Fill a prefix cache (if the method has one) over ``encoded`` in its fixed order."""
+    trunk = method.extractor.trunk
+    if not hasattr(trunk, "warm"):
+        return 0
+    return trunk.warm(make_loader(encoded, tokenizer, batch_size=batch_size), progress)
+
+
 def fit(method, loader, total_steps: int, start_step: int = 0, callback=None) -> int:
     """Train ``method`` for ``total_steps`` minibatch steps from ``start_step``; returns the last step.
 

@@ -7,7 +7,7 @@ import torch
 from bayes_polar.checkpoint import load_checkpoint, save_checkpoint
 from bayes_polar.config import FitConfig
 from bayes_polar.run import build_pipeline, evaluate_run, load_run, predict, run_fit, encode_eval
-from bayes_polar.train import epoch_loader, fit, restore_training_state, training_state
+from bayes_polar.train import epoch_loader, fit, restore_training_state, training_state, warm_prefix_cache
 
 pytestmark = pytest.mark.integration
 
@@ -70,6 +70,7 @@ def test_elbo_rises(data_dir):
 
 def _train(config, until, stop=None, state=None):
     pipe = build_pipeline(config)
+    warm_prefix_cache(pipe.method, pipe.train, pipe.tokenizer, 8)
     step, trace = 0, []
     if state is not None:
         step, trace = restore_training_state(pipe.method, *state)
