@@ -42,8 +42,8 @@ class FitConfig:
     loglik_features: bool = _help("options: append the LM's option log-likelihood (sum, mean) to the features", True)
     # method and last layer
     method: str = _help(f"one of {', '.join(METHODS)}", "polar-vbll")
-    prior: str = _help("prior name (isotropic, width_scaled, ard, ard_empirical, student_t, lm_head) or a .py file",
-                       "isotropic")
+    prior: str = _help("prior name (width_scaled: isotropic N(0, 2/D), isotropic, ard, ard_empirical, "
+                       "student_t, lm_head) or a .py file", "width_scaled")
     prior_args: str = _help('JSON keyword arguments of the prior, e.g. \'{"variance": 0.5}\'', "{}")
     guide: str = _help("guide name (full, diagonal, lowrank, auto_mvn, ...) or a .py file", "full")
     guide_args: str = _help('JSON keyword arguments of the guide, e.g. \'{"rank": 4}\'', "{}")

@@ -95,15 +95,15 @@ class Method:
         return logs
 
     @torch.no_grad()
-    def predict_proba(self, batch, num_samples: int) -> torch.Tensor:
-        """(B, C) predictive probabilities of this method."""
+    def predict_proba(self, batch, num_samples: int, features: Features | None = None) -> torch.Tensor:
+        """(B, C) predictive probabilities of this method (``features``: reuse an eval-mode pass)."""
         if self.mc_passes > 1:
             self.model.train()  # dropout on: MC dropout
             probs = torch.stack([self.head.predict_proba(self.features(batch)) for _ in range(self.mc_passes)])
             self.model.eval()
             return probs.mean(0)
         self.model.eval()
-        features = self.features(batch)
+        features = self.features(batch) if features is None else features
         if self.laplace is not None:
             return predictive_proba(self.laplace, features.phi, features.mask, num_samples)
         return self.head.predict_proba(features, num_samples)

@@ -103,8 +103,9 @@ def predict(pipe: Pipeline, encoded: EncodedTask, num_samples: int, progress: bo
     loader = make_loader(encoded, pipe.tokenizer, batch_size=pipe.config.eval_batch_size)
     out = {"predictive": [], "point": [], "zero_shot": [], "labels": []}
     for batch in tqdm(loader, desc=f"eval {encoded.task.name}", disable=not progress, leave=False):
-        out["predictive"].append(pipe.method.predict_proba(batch, num_samples))
+        pipe.model.eval()
         features = pipe.method.features(batch)
+        out["predictive"].append(pipe.method.predict_proba(batch, num_samples, features))
         out["point"].append(pipe.method.head.point_proba(features))
         out["zero_shot"].append(head_logits(pipe.zero_shot, features.phi, features.mask).softmax(-1))
         out["labels"].append(batch.labels)
