@@ -79,6 +79,7 @@ class FitConfig:
     # execution
     prefix_cache: bool = _help("cache the hidden states entering the first adapted block (frozen blocks run once)", True)
     cache_dtype: str = _help("dtype of the prefix cache: float32 (exact) or float16", "float32")
+    cache_dir: str | None = _help("folder where prefix caches persist between runs (None: memory only)", None)
     threads: int = _help("torch CPU threads", 2)
     checkpoint_every: int = _help("steps between checkpoints (0: only at the end)", 50)
     eval_batch_size: int = _help("questions per evaluation batch", 16)

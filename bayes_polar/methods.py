@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapters import adapter_state_dict, inject_lora, inject_polar, make_adapter_optimizer
+from .adapters import adapter_state_dict, adapters_disabled, inject_lora, inject_polar, make_adapter_optimizer
 from .adapters.inject import find_blocks, resolve_layers
 from .config import FitConfig
 from .features import FeatureExtractor, Features
+from .head import head_logits
 from .heads import PointHead, VariationalHead
 from .laplace import fit_laplace
 from .predictive import predictive_proba
@@ -109,10 +110,31 @@ class Method:
         return self.head.predict_proba(features, num_samples)
 
     @torch.no_grad()
-    def point_proba(self, batch) -> torch.Tensor:
-        """(B, C) probabilities at the point estimate (posterior mean): no sampling, one pass."""
+    def predict(self, batch, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(predictive, point)`` (B, C) probabilities from one eval-mode feature pass."""
         self.model.eval()
-        return self.head.point_proba(self.features(batch))
+        features = self.features(batch)
+        return self.predict_proba(batch, num_samples, features), self.head.point_proba(features)
+
+    @torch.no_grad()
+    def zero_shot_proba(self, batch, weights: torch.Tensor) -> torch.Tensor:
+        """(B, C) probabilities of the zero-shot LM: adapters disabled, head at ``weights``."""
+        self.model.eval()
+        with adapters_disabled(self.model):
+            features = self.features(batch)
+        return head_logits(weights, features.phi, features.mask).softmax(-1)
+
+    @torch.no_grad()
+    def fit_temperature(self, loader) -> float:
+        """Temperature scaling: T minimising the held-out NLL of softmax(z / T) (point heads)."""
+        self.model.eval()
+        logits, labels = [], []
+        for batch in loader:
+            logits.append(self.head.logits(self.features(batch)))
+            labels.append(batch.labels)
+        self.head.temperature = optimal_temperature(torch.cat(logits), torch.cat(labels))
+        self.extras["temperature"] = self.head.temperature
+        return self.head.temperature
 
     def head_mean(self) -> torch.Tensor:
         if isinstance(self.head, VariationalHead):
@@ -168,6 +190,45 @@ class Method:
         self.scheduler.load_state_dict(state["adapter_scheduler"])
         if "head_optimizer" in state:
             self.head.load_optimizer_state(state["head_optimizer"])
+
+
+def optimal_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """argmin_T NLL(softmax(z / T)) over T in [e⁻³, e³] (Guo et al., 2017), by a log-spaced search.
+
+    Bounded on purpose: on a small, separable held-out slice the unbounded optimum is T → 0.
+    """
+    def nll(log_t: torch.Tensor) -> torch.Tensor:
+        scaled = logits.unsqueeze(0) / log_t.exp().view(-1, 1, 1)
+        return torch.nn.functional.cross_entropy(scaled.flatten(0, 1), labels.repeat(len(log_t)),
+                                                 reduction="none").view(len(log_t), -1).mean(-1)
+
+    coarse = torch.linspace(-3, 3, 121)
+    best = coarse[nll(coarse).argmin()]
+    fine = torch.linspace(float(best) - 0.05, float(best) + 0.05, 101).clamp(-3, 3)
+    return float(fine[nll(fine).argmin()].exp())
+
+
+class Ensemble:
+    """Deep ensemble: M trained members sharing one backbone; predictions are the members' mean.
+
+    Each member's adapters and head (``Method.state_tensors``) are loaded in turn into ``method``.
+    """
+
+    def __init__(self, method: Method, members: list[dict[str, torch.Tensor]]):
+        self.method, self.members = method, members
+        self.model, self.extras = method.model, {"members": len(members)}
+
+    @torch.no_grad()
+    def predict(self, batch, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = []
+        for member in self.members:
+            self.method.load_state_tensors(member)
+            probs.append(self.method.predict(batch, num_samples)[0])
+        mean = torch.stack(probs).mean(0)
+        return mean, mean
+
+    def zero_shot_proba(self, batch, weights: torch.Tensor) -> torch.Tensor:
+        return self.method.zero_shot_proba(batch, weights)
 
 
 def build_method(config: FitConfig, model: nn.Module, extractor: FeatureExtractor, *, dataset_size: int,

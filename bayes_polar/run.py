@@ -1,12 +1,15 @@
 """Run a configuration end to end: build, train (resumable), evaluate, and write RUN_DIR.
 
 RUN_DIR holds ``config.json`` (everything needed to rerun), ``metrics.json`` (per evaluated
-task/split: acc, ece, nll, brier, n, plus the point prediction and the zero-shot model; the
-adapters' stable rank and orthogonality error; the ELBO trace), ``reliability_<task>.png``,
-``elbo.png``, ``adapters.safetensors``, ``head.safetensors`` and ``checkpoints/``.
+task/split: acc, ece, nll, brier, n for the method, its point prediction and the zero-shot LM;
+the adapters' stable rank and orthogonality error; the ELBO trace), ``reliability_<task>.png``,
+``elbo.png``, ``adapters.safetensors``, ``head.safetensors`` and ``checkpoints/``. Deep
+ensembles keep one such set per member under ``members/<m>/``.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,22 +17,22 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import adapter_diagnostics, save_adapters
+from .adapters import adapter_diagnostics, load_adapters, save_adapters
 from .backbone import load_backbone
-from .checkpoint import (atomic_write_json, latest_checkpoint, load_checkpoint, prepare_run_dir,
-                         save_checkpoint)
+from .checkpoint import atomic_write_json, latest_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
 from .config import FitConfig
 from .errors import ConfigError
 from .evaluation import classification_metrics, plot_elbo_trace, reliability_diagram
 from .features import FeatureExtractor, Features, answer_head_rows
 from .formats import EncodedTask, encode_task, make_loader
-from .head import head_logits
 from .heads import zero_shot_weights
-from .methods import Method, attach_adapters, build_method, first_adapted_block, is_variational
-from .prefix_cache import CachedTrunk
+from .methods import Ensemble, Method, attach_adapters, build_method, first_adapted_block, is_variational
+from .prefix_cache import CachedTrunk, model_fingerprint
 from .registry import load_prior
-from .tasks import load_task, task_spec
+from .tasks import Task, load_task, task_spec
 from .train import epoch_loader, fit, restore_training_state, training_state, warm_prefix_cache
+
+HELDOUT_FRACTION = 0.1  # temperature scaling fits T on this slice of the training split
 
 
 @dataclass
@@ -38,8 +41,9 @@ class Pipeline:
     model: torch.nn.Module
     tokenizer: object
     train: EncodedTask
-    method: Method
+    method: Method | Ensemble
     zero_shot: torch.Tensor  # (K, D) head weights of the zero-shot LM
+    heldout: EncodedTask | None = None
 
 
 def default_split(task: str) -> str:
@@ -57,12 +61,22 @@ def eval_targets(config: FitConfig) -> list[tuple[str, str]]:
     return targets
 
 
-def build_pipeline(config: FitConfig, data_dir=None) -> Pipeline:
+def _split_heldout(task: Task) -> tuple[Task, Task]:
+    cut = len(task) - max(1, int(len(task) * HELDOUT_FRACTION))
+    keep = dataclasses.replace(task, examples=task.examples[:cut])
+    return keep, dataclasses.replace(task, examples=task.examples[cut:], split=f"{task.split}-heldout")
+
+
+def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = None) -> Pipeline:
     """Backbone + adapters + features + head + steps for ``config`` (seeded)."""
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     model, tokenizer = load_backbone(config.model)
     train_task = load_task(config.task, "train", data_dir or config.data_dir, limit=config.train_limit)
+    heldout = None
+    if config.method == "temperature-scaling":
+        train_task, heldout_task = _split_heldout(train_task)
+        heldout = encode_task(heldout_task, tokenizer, config.format, config.max_length)
     train = encode_task(train_task, tokenizer, config.format, config.max_length)
     torch.manual_seed(config.seed)
     attach_adapters(model, config)
@@ -70,6 +84,8 @@ def build_pipeline(config: FitConfig, data_dir=None) -> Pipeline:
     trunk = None
     if config.prefix_cache and start >= 1:
         trunk = CachedTrunk(model, start, getattr(torch, config.cache_dtype))
+        if trunk_store is not None:
+            trunk.store = trunk_store
     extractor = FeatureExtractor(model, config.format, config.loglik_features, trunk)
     rows = answer_head_rows(model, train.answer_ids) if config.format == "letters" else None
     init = zero_shot_weights(config.format, extractor.feature_dim, rows, config.loglik_features)
@@ -79,11 +95,11 @@ def build_pipeline(config: FitConfig, data_dir=None) -> Pipeline:
     method = build_method(config, model, extractor, dataset_size=len(train), num_rows=init.shape[0],
                           init=init, prior=prior)
     if is_variational(config.method):
-        num_classes = max(train.num_classes, 1)
+        num_classes = train.num_classes
         dummy = Features(torch.zeros(1, num_classes if config.format == "options" else 1, extractor.feature_dim),
                          torch.ones(1, num_classes, dtype=torch.bool))
         method.head.setup(dummy, torch.zeros(1, dtype=torch.long))
-    return Pipeline(config, model, tokenizer, train, method, init)
+    return Pipeline(config, model, tokenizer, train, method, init, heldout)
 
 
 def encode_eval(pipe: Pipeline, task: str, split: str, data_dir=None, limit=None) -> EncodedTask:
@@ -97,17 +113,130 @@ def encode_eval(pipe: Pipeline, task: str, split: str, data_dir=None, limit=None
     return encoded
 
 
+# ------------------------------------------------------------------------------------ prefix cache on disk
+def _cache_file(pipe: Pipeline, encoded: EncodedTask) -> Path | None:
+    trunk = getattr(pipe.method.extractor if isinstance(pipe.method, Method) else pipe.method.method.extractor,
+                    "trunk", None)
+    if not pipe.config.cache_dir or not isinstance(trunk, CachedTrunk):
+        return None
+    key = model_fingerprint(pipe.model, trunk.start_layer, trunk.dtype)
+    name = f"{encoded.task.name}-{encoded.task.split}-{encoded.format}-{encoded.max_length}-{len(encoded)}"
+    return Path(pipe.config.cache_dir).expanduser() / key / f"{name}.safetensors"
+
+
+def warm_cache(pipe: Pipeline, encoded: EncodedTask, progress: bool = False) -> None:
+    """Fill the prefix cache for ``encoded`` (from ``--cache-dir`` when a file exists there)."""
+    method = pipe.method.method if isinstance(pipe.method, Ensemble) else pipe.method
+    path = _cache_file(pipe, encoded)
+    if path is not None and path.exists():
+        method.extractor.trunk.load(path)
+    added = warm_prefix_cache(method, encoded, pipe.tokenizer, pipe.config.eval_batch_size, progress)
+    if path is not None and added:
+        method.extractor.trunk.save(path)
+
+
+# ------------------------------------------------------------------------------------ training
+def train_pipeline(pipe: Pipeline, run_dir: Path, resume: bool, progress: bool, log=print) -> dict:
+    """Fit ``pipe.method`` with checkpoints in ``run_dir``; then its post-hoc step (Laplace, T)."""
+    config, method = pipe.config, pipe.method
+    started = time.time()
+    warm_cache(pipe, pipe.train, progress)
+    step, trace = 0, []
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        tensors, state, _ = load_checkpoint(checkpoint)
+        step, trace = restore_training_state(method, tensors, state)
+        log(f"resuming from {checkpoint} at step {step}")
+    loader = epoch_loader(pipe.train, pipe.tokenizer, config.batch_size, config.seed)
+    bar = tqdm(total=config.steps, initial=step, desc=config.method, disable=not progress)
+    key = "elbo" if is_variational(config.method) else "nll"
+
+    def callback(done: int, logs: dict) -> bool:
+        trace.append(logs.get(key, float("nan")))
+        bar.update(1)
+        bar.set_postfix({key: f"{trace[-1]:.4f}"})
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+            save_checkpoint(run_dir, *training_state(method, done, trace), step=done)
+        return False
+
+    step = fit(method, loader, config.steps, step, callback)
+    bar.close()
+    save_checkpoint(run_dir, *training_state(method, step, trace), step=step)
+    _posthoc(pipe)
+    return {"steps": step, "examples": len(pipe.train), "seconds": round(time.time() - started, 1),
+            "truncated": pipe.train.num_truncated, "trace_name": f"{key}_trace", "trace": trace}
+
+
+def _posthoc(pipe: Pipeline) -> None:
+    config, method = pipe.config, pipe.method
+    if config.method == "polar-vbll-la":
+        _, variance = method.head.model.prior.gaussian_moments(method.extractor.feature_dim, pipe.zero_shot.shape[0])
+        plain = make_loader(pipe.train, pipe.tokenizer, batch_size=config.eval_batch_size)
+        method.fit_laplace(plain, prior_precision=float(1 / variance.mean()))
+    elif config.method == "lora-laplace":
+        method.fit_laplace(make_loader(pipe.train, pipe.tokenizer, batch_size=config.eval_batch_size))
+    elif config.method == "temperature-scaling":
+        warm_cache(pipe, pipe.heldout)
+        method.fit_temperature(make_loader(pipe.heldout, pipe.tokenizer, batch_size=config.eval_batch_size))
+
+
+def _fit_ensemble(config: FitConfig, run_dir: Path, resume: bool, progress: bool, log) -> tuple[Pipeline, dict]:
+    """Train M ``lora-mle`` members (seeds seed, seed+1, ...) under ``members/<m>``; finished ones are kept."""
+    members, store, info, pipe = [], None, [], None
+    for m in range(config.ensemble_size):
+        member_config = dataclasses.replace(config, method="lora-mle", seed=config.seed + m)
+        member_dir = prepare_run_dir(run_dir / "members" / str(m), resume=True)
+        pipe = build_pipeline(member_config, trunk_store=store)
+        if pipe.method.extractor.trunk is not None:
+            store = pipe.method.extractor.trunk.store  # frozen blocks are shared by every member
+        if (member_dir / "head.safetensors").exists():
+            _load_artifacts(pipe, member_dir)
+        else:
+            info.append(train_pipeline(pipe, member_dir, resume, progress, log))
+            save_artifacts(pipe, member_dir)
+        members.append(pipe.method.state_tensors())
+    pipe.method = Ensemble(pipe.method, members)
+    pipe.config = config
+    trace = [x for item in info for x in item["trace"]]
+    return pipe, {"steps": config.steps * config.ensemble_size, "examples": len(pipe.train),
+                  "seconds": round(sum(i["seconds"] for i in info), 1), "truncated": pipe.train.num_truncated,
+                  "trace_name": "nll_trace", "trace": trace}
+
+
+def run_fit(config: FitConfig, out, overwrite: bool = False, resume: bool = False, progress: bool = True,
+            log=print) -> dict:
+    """Train ``config`` into RUN_DIR ``out`` (resuming from its latest checkpoint if asked)."""
+    run_dir = prepare_run_dir(out, overwrite=overwrite, resume=resume)
+    _check_resume_config(run_dir, config, resume)
+    config.save(run_dir / "config.json")
+    if config.method == "lora-ensemble":
+        pipe, info = _fit_ensemble(config, run_dir, resume, progress, log)
+    else:
+        pipe = build_pipeline(config)
+        info = train_pipeline(pipe, run_dir, resume, progress, log)
+        save_artifacts(pipe, run_dir)
+    trace_name, trace = info.pop("trace_name"), info.pop("trace")
+    metrics = {"method": config.method, "task": config.task, "format": config.format, "train": info,
+               trace_name: trace, "adapters": adapter_diagnostics(pipe.model), "evaluations": {},
+               **pipe.method.extras}
+    evaluate_into(pipe, run_dir, metrics, eval_targets(config), progress=progress)
+    plot_elbo_trace(trace, run_dir / "elbo.png", ylabel="ELBO per example" if trace_name == "elbo_trace" else "NLL")
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    log(summary_table(metrics))
+    return metrics
+
+
+# ------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def predict(pipe: Pipeline, encoded: EncodedTask, num_samples: int, progress: bool = False) -> dict:
     """Predictive, point and zero-shot probabilities over an encoded split, with its labels."""
     loader = make_loader(encoded, pipe.tokenizer, batch_size=pipe.config.eval_batch_size)
     out = {"predictive": [], "point": [], "zero_shot": [], "labels": []}
     for batch in tqdm(loader, desc=f"eval {encoded.task.name}", disable=not progress, leave=False):
-        pipe.model.eval()
-        features = pipe.method.features(batch)
-        out["predictive"].append(pipe.method.predict_proba(batch, num_samples, features))
-        out["point"].append(pipe.method.head.point_proba(features))
-        out["zero_shot"].append(head_logits(pipe.zero_shot, features.phi, features.mask).softmax(-1))
+        predictive, point = pipe.method.predict(batch, num_samples)
+        out["predictive"].append(predictive)
+        out["point"].append(point)
+        out["zero_shot"].append(pipe.method.zero_shot_proba(batch, pipe.zero_shot))
         out["labels"].append(batch.labels)
     return {k: torch.cat(v) for k, v in out.items()}
 
@@ -120,57 +249,11 @@ def metrics_of(predictions: dict) -> dict:
     return result
 
 
-def run_fit(config: FitConfig, out, overwrite: bool = False, resume: bool = False, progress: bool = True,
-            log=print) -> dict:
-    """Train ``config`` into RUN_DIR ``out`` (resuming from its latest checkpoint if asked)."""
-    run_dir = prepare_run_dir(out, overwrite=overwrite, resume=resume)
-    _check_resume_config(run_dir, config, resume)
-    config.save(run_dir / "config.json")
-    started = time.time()
-    pipe = build_pipeline(config)
-    warm_prefix_cache(pipe.method, pipe.train, pipe.tokenizer, config.eval_batch_size, progress)
-    step, trace = 0, []
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if checkpoint is not None:
-        tensors, state, _ = load_checkpoint(checkpoint)
-        step, trace = restore_training_state(pipe.method, tensors, state)
-        log(f"resuming from {checkpoint} at step {step}")
-    loader = epoch_loader(pipe.train, pipe.tokenizer, config.batch_size, config.seed)
-    bar = tqdm(total=config.steps, initial=step, desc=config.method, disable=not progress)
-    key = "elbo" if is_variational(config.method) else "nll"
-
-    def callback(done: int, logs: dict) -> bool:
-        trace.append(logs.get(key, float("nan")))
-        bar.update(1)
-        bar.set_postfix({key: f"{trace[-1]:.4f}"})
-        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-            save_checkpoint(run_dir, *training_state(pipe.method, done, trace), step=done)
-        return False
-
-    step = fit(pipe.method, loader, config.steps, step, callback)
-    bar.close()
-    save_checkpoint(run_dir, *training_state(pipe.method, step, trace), step=step)
-    seconds_training = time.time() - started
-    if config.method in ("polar-vbll-la", "lora-laplace"):
-        plain = make_loader(pipe.train, pipe.tokenizer, batch_size=config.eval_batch_size)
-        pipe.method.fit_laplace(plain)
-    metrics = {"method": config.method, "task": config.task, "format": config.format,
-               "train": {"steps": step, "examples": len(pipe.train), "seconds": round(seconds_training, 1),
-                         "truncated": pipe.train.num_truncated},
-               f"{key}_trace": trace, "adapters": adapter_diagnostics(pipe.model), "evaluations": {},
-               **pipe.method.extras}
-    evaluate_into(pipe, run_dir, metrics, eval_targets(config), progress=progress)
-    save_artifacts(pipe, run_dir)
-    plot_elbo_trace(trace, run_dir / "elbo.png", ylabel="ELBO per example" if key == "elbo" else "NLL")
-    atomic_write_json(run_dir / "metrics.json", metrics)
-    log(summary_table(metrics))
-    return metrics
-
-
 def evaluate_into(pipe: Pipeline, run_dir: Path, metrics: dict, targets, data_dir=None, limit=None,
                   progress: bool = False) -> None:
     for task, split in targets:
         encoded = encode_eval(pipe, task, split, data_dir, limit)
+        warm_cache(pipe, encoded, progress)
         predictions = predict(pipe, encoded, pipe.config.predictive_samples, progress)
         metrics["evaluations"][f"{task}/{split}"] = {**metrics_of(predictions), "truncated": encoded.num_truncated}
         name = task if split == default_split(task) else f"{task}_{split}"
@@ -186,25 +269,34 @@ def save_artifacts(pipe: Pipeline, run_dir: Path) -> None:
     save_file(head, run_dir / "head.safetensors", metadata={"method": pipe.config.method})
 
 
-def load_run(run_dir, data_dir=None) -> Pipeline:
-    """Rebuild a finished run: its config, adapters and head (and Laplace / temperature)."""
+def _load_artifacts(pipe: Pipeline, run_dir: Path) -> None:
     from safetensors.torch import load_file
 
-    from .adapters import load_adapters
-
-    run_dir = Path(run_dir)
-    config = FitConfig.load(run_dir / "config.json")
-    pipe = build_pipeline(config, data_dir)
     load_adapters(pipe.model, run_dir / "adapters.safetensors")
     pipe.method.load_head_tensors(load_file(run_dir / "head.safetensors"))
+
+
+def load_run(run_dir, data_dir=None) -> Pipeline:
+    """Rebuild a finished run: its config, adapters and head (Laplace, temperature, ensemble members)."""
+    run_dir = Path(run_dir)
+    config = FitConfig.load(run_dir / "config.json")
+    if config.method == "lora-ensemble":
+        members, store, pipe = [], None, None
+        for m in range(config.ensemble_size):
+            pipe = build_pipeline(dataclasses.replace(config, method="lora-mle", seed=config.seed + m), data_dir, store)
+            store = pipe.method.extractor.trunk.store if pipe.method.extractor.trunk is not None else None
+            _load_artifacts(pipe, run_dir / "members" / str(m))
+            members.append(pipe.method.state_tensors())
+        pipe.method, pipe.config = Ensemble(pipe.method, members), config
+        return pipe
+    pipe = build_pipeline(config, data_dir)
+    _load_artifacts(pipe, run_dir)
     pipe.model.eval()
     return pipe
 
 
 def evaluate_run(run_dir, task: str, split: str | None = None, data_dir=None, limit=None, log=print) -> dict:
     """Evaluate a finished run on any task/split and add the result to its metrics.json."""
-    import json
-
     run_dir = Path(run_dir)
     pipe = load_run(run_dir, data_dir)
     metrics_path = run_dir / "metrics.json"
@@ -218,11 +310,11 @@ def evaluate_run(run_dir, task: str, split: str | None = None, data_dir=None, li
 
 def summary_table(metrics: dict) -> str:
     """A small text table: ACC / ECE / NLL of the zero-shot LM, the point prediction and the method."""
-    lines = [f"{'task/split':34s} {'model':12s} {'ACC':>6s} {'ECE%':>6s} {'NLL':>6s} {'Brier':>6s}"]
+    lines = [f"{'task/split':34s} {'model':14s} {'ACC':>6s} {'ECE%':>6s} {'NLL':>6s} {'Brier':>6s}"]
     for name, result in metrics.get("evaluations", {}).items():
         rows = [("zero-shot", result["zero_shot"]), ("point", result["point"]), (metrics.get("method", "method"), result)]
         for label, r in rows:
-            lines.append(f"{name:34s} {label:12s} {r['acc']:6.3f} {r['ece']:6.2f} {r['nll']:6.3f} {r['brier']:6.3f}")
+            lines.append(f"{name:34s} {label:14s} {r['acc']:6.3f} {r['ece']:6.2f} {r['nll']:6.3f} {r['brier']:6.3f}")
     return "\n".join(lines)
 
 

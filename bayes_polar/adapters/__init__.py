@@ -17,7 +17,7 @@ from .inject import find_blocks, find_target_modules, inject_polar
 from .io import adapter_state_dict, load_adapters, save_adapters
 from .layer import PolarLinear
 from .lora import inject_lora
-from .modules import adapter_layers, lora_layers, merge_adapters, polar_layers, unmerge_adapters
+from .modules import adapter_layers, adapters_disabled, lora_layers, merge_adapters, polar_layers, unmerge_adapters
 from .optim import (
     LANDING_TOLERANCE,
     OPTIMIZERS,
@@ -37,6 +37,7 @@ __all__ = [
     "RiemannianAdam",
     "adapter_diagnostics",
     "adapter_layers",
+    "adapters_disabled",
     "adapter_state_dict",
     "assert_orthogonal",
     "find_blocks",

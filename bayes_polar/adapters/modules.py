@@ -1,12 +1,14 @@
 """Find adapter layers in a model (PoLAR and peft LoRA) and merge/unmerge them as a whole."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Iterator
 
+import torch
 from torch import nn
 
-from ..errors import BayesPolarWarning
+from ..errors import BayesPolarWarning, ConfigError
 from .layer import PolarLinear
 
 
@@ -77,3 +79,26 @@ def _toggle(name: str, layer: nn.Module, merge: bool) -> bool:
     else:
         layer.unmerge()
     return True
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Within the block every adapter contributes ΔW = 0 (Θ = 0 for PoLAR, B = 0 for LoRA): the base model.
+
+    Parameters are zeroed in place and restored exactly on exit; merged layers are refused.
+    """
+    saved = []
+    for name, layer in adapter_layers(model):
+        if layer.merged:
+            raise ConfigError(f"{name} is merged: unmerge_adapters(model) before disabling adapters")
+        tensors = [layer.polar_theta] if isinstance(layer, PolarLinear) else list(layer.lora_B.parameters())
+        saved.extend((t, t.detach().clone()) for t in tensors)
+    try:
+        with torch.no_grad():
+            for tensor, _ in saved:
+                tensor.zero_()
+        yield model
+    finally:
+        with torch.no_grad():
+            for tensor, value in saved:
+                tensor.copy_(value)

@@ -1,0 +1,47 @@
+"""Every method of the baselines table fits, evaluates and writes its metrics on the tiny random Llama."""
+import json
+
+import pytest
+import torch
+
+from bayes_polar.config import METHODS
+from bayes_polar.run import load_run, predict, encode_eval, run_fit
+
+from .test_fit import tiny_config
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_fits_evaluates_and_reloads(tmp_path, data_dir, method):
+    config = tiny_config(data_dir, method=method, steps=4, ensemble_size=2, mc_passes=3, dropout=0.2,
+                         weight_decay=0.01, train_limit=20)
+    metrics = run_fit(config, tmp_path / method, progress=False, log=lambda *_: None)
+    result = metrics["evaluations"]["arc_easy/validation"]
+    assert result["n"] == 12 and 0 <= result["ece"] <= 100 and result["nll"] > 0
+    saved = json.loads((tmp_path / method / "metrics.json").read_text())
+    assert saved["method"] == method
+    if method == "temperature-scaling":
+        assert saved["temperature"] > 0
+    if method in ("polar-vbll-la", "lora-laplace"):
+        assert saved["laplace_prior_precision"] > 0
+    if method == "lora-ensemble":
+        assert (tmp_path / method / "members" / "1" / "head.safetensors").exists()
+
+    pipe = load_run(tmp_path / method)  # what was saved predicts what was measured
+    encoded = encode_eval(pipe, "arc_easy", "validation")
+    torch.manual_seed(0)
+    point = predict(pipe, encoded, 16)["point"]
+    from bayes_polar.evaluation import classification_metrics
+    labels = torch.tensor([e.label for e in encoded.task.examples])
+    if method != "lora-mcdropout":
+        assert classification_metrics(point, labels)["nll"] == pytest.approx(result["point"]["nll"], abs=1e-4)
+
+
+def test_zero_shot_row_is_the_base_model(tmp_path, data_dir):
+    """The zero-shot metrics do not depend on the trained adapters."""
+    a = run_fit(tiny_config(data_dir, steps=2), tmp_path / "a", progress=False, log=lambda *_: None)
+    b = run_fit(tiny_config(data_dir, steps=6, lr=2e-2), tmp_path / "b", progress=False, log=lambda *_: None)
+    za, zb = a["evaluations"]["arc_easy/validation"]["zero_shot"], b["evaluations"]["arc_easy/validation"]["zero_shot"]
+    assert za["nll"] == pytest.approx(zb["nll"], abs=1e-5)
+    assert a["evaluations"]["arc_easy/validation"]["point"]["nll"] != pytest.approx(za["nll"], abs=1e-5)
