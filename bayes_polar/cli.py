@@ -57,6 +57,14 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_table(args) -> int:
+    from .table import Grid, run_grid
+
+    run_grid(Grid.load(args.config), args.out, progress=not args.quiet)
+    print(open(f"{args.out}/table.md").read())
+    return 0
+
+
 def _add_fit_arguments(parser) -> None:
     from .config import add_config_arguments
 
@@ -92,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-dir", default=None, help="local data mirror (default: the run's or $BAYES_POLAR_DATA)")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    table = sub.add_parser("table", help="run a grid of methods x tasks x seeds and write the results table")
+    table.add_argument("--config", required=True, help="grid JSON (see benchmarks/configs/)")
+    table.add_argument("--out", required=True, help="output folder (finished cells are not re-run)")
+    table.add_argument("--quiet", action="store_true", help="no progress bars")
+    table.set_defaults(func=_cmd_table)
 
     tasks = sub.add_parser("tasks", help="list the benchmark tasks and their row counts")
     tasks.add_argument("--data-dir", default=None, help="local data mirror (default: $BAYES_POLAR_DATA)")

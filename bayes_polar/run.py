@@ -256,9 +256,22 @@ def evaluate_into(pipe: Pipeline, run_dir: Path, metrics: dict, targets, data_di
         warm_cache(pipe, encoded, progress)
         predictions = predict(pipe, encoded, pipe.config.predictive_samples, progress)
         metrics["evaluations"][f"{task}/{split}"] = {**metrics_of(predictions), "truncated": encoded.num_truncated}
+        save_predictions(run_dir / "predictions.safetensors", f"{task}/{split}", predictions)
         name = task if split == default_split(task) else f"{task}_{split}"
         reliability_diagram(predictions["predictive"], predictions["labels"], run_dir / f"reliability_{name}.png",
                             title=f"{pipe.config.method} on {task}/{split}")
+
+
+def save_predictions(path: Path, key: str, predictions: dict) -> None:
+    """Add ``<key>/probs``, ``<key>/point`` and ``<key>/labels`` to a safetensors file of predictions."""
+    from safetensors.torch import load_file, save_file
+
+    saved = load_file(path) if path.exists() else {}
+    saved.update({f"{key}/probs": predictions["predictive"], f"{key}/point": predictions["point"],
+                  f"{key}/labels": predictions["labels"]})
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in saved.items()}, tmp)
+    tmp.replace(path)
 
 
 def save_artifacts(pipe: Pipeline, run_dir: Path) -> None:

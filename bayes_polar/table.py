@@ -1,0 +1,173 @@
+"""The paper-style results table: a grid of methods × tasks × seeds, in and out of distribution.
+
+A grid file (JSON) names the cells and the settings they share::
+
+    {"base": {"model": "smollm2-135m", "format": "options", "layers": "-2,-1", "steps": 150},
+     "methods": ["lora-mle", "polar-vbll"], "tasks": ["arc_easy", "openbookqa"], "seeds": [0, 1],
+     "ood": {"train": "openbookqa",
+             "eval": ["arc_challenge", "arc_easy", "mmlu_college_chemistry", "mmlu_college_physics"]}}
+
+Each cell is one ``bayes-polar fit`` run in ``OUT/cells/<task>/<method>/seed<k>``; finished cells
+(with ``metrics.json``) are not re-run and interrupted ones resume from their checkpoints. The
+frozen blocks' states are cached on disk once per task and shared by every cell. Results go to
+``OUT/results.csv`` (one row per cell and evaluated split), ``OUT/table.md`` (ACC / ECE / NLL,
+mean ± std over seeds) and ``OUT/reliability.png`` (one panel per method).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .backbone import cache_dir
+from .checkpoint import atomic_write_text
+from .config import METHODS, FitConfig
+from .errors import ConfigError
+
+METRICS = ("acc", "ece", "nll", "brier")
+
+
+@dataclass
+class Grid:
+    base: dict
+    methods: list[str]
+    tasks: list[str]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    ood: dict | None = None
+
+    @classmethod
+    def load(cls, path) -> "Grid":
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"Cannot read the grid file {path}: {exc}") from None
+        unknown = set(values) - {"base", "methods", "tasks", "seeds", "ood"}
+        if unknown:
+            raise ConfigError(f"Unknown grid keys {sorted(unknown)} in {path}")
+        grid = cls(**values)
+        bad = [m for m in grid.methods if m not in METHODS]
+        if bad:
+            raise ConfigError(f"Unknown methods {bad} in {path}; expected some of {METHODS}")
+        FitConfig.from_dict(grid.base)  # fail early on a bad base configuration
+        return grid
+
+    def cells(self):
+        """``(task, method, seed, FitConfig)`` for every cell, OOD evaluations on the OOD training task."""
+        for task in self.tasks:
+            targets = [task]
+            if self.ood and task == self.ood["train"]:
+                targets += [t for t in self.ood["eval"] if t != task]
+            for method in self.methods:
+                for seed in self.seeds:
+                    config = FitConfig.from_dict({**self.base, "task": task, "method": method, "seed": seed,
+                                                  "eval_tasks": ",".join(targets)})
+                    yield task, method, seed, config
+
+
+def cell_dir(out: Path, task: str, method: str, seed: int) -> Path:
+    return out / "cells" / task / method / f"seed{seed}"
+
+
+def run_grid(grid: Grid, out, progress: bool = True, log=print) -> list[dict]:
+    """Run every unfinished cell, then write results.csv, table.md and reliability.png."""
+    from .run import run_fit
+
+    out = Path(out)
+    cells = list(grid.cells())
+    for index, (task, method, seed, config) in enumerate(cells, start=1):
+        directory = cell_dir(out, task, method, seed)
+        if (directory / "metrics.json").exists():
+            continue
+        log(f"[{index}/{len(cells)}] {task} {method} seed {seed}")
+        if config.cache_dir is None:
+            config = replace(config, cache_dir=str(cache_dir() / "prefix"))
+        run_fit(config, directory, resume=directory.exists(), progress=progress, log=log)
+    rows = collect_rows(grid, out)
+    write_results(grid, rows, out)
+    return rows
+
+
+def collect_rows(grid: Grid, out: Path) -> list[dict]:
+    rows = []
+    for task, method, seed, _ in grid.cells():
+        metrics_path = cell_dir(out, task, method, seed) / "metrics.json"
+        if not metrics_path.exists():
+            continue
+        metrics = json.loads(metrics_path.read_text())
+        for name, result in metrics["evaluations"].items():
+            eval_task, split = name.split("/")
+            rows.append({"method": method, "train_task": task, "eval_task": eval_task, "split": split,
+                         "kind": "id" if eval_task == task else "ood", "seed": seed,
+                         **{k: result[k] for k in METRICS}, "n": result["n"],
+                         "train_seconds": metrics["train"]["seconds"]})
+    return rows
+
+
+def _columns(grid: Grid) -> list[tuple[str, str, str]]:
+    """(label, train task, eval task) per table column: ID tasks, then OOD columns."""
+    columns = [(task, task, task) for task in grid.tasks]
+    if grid.ood:
+        columns += [(f"{grid.ood['train']}→{t}", grid.ood["train"], t) for t in grid.ood["eval"]
+                    if t != grid.ood["train"]]
+    return columns
+
+
+def markdown_table(grid: Grid, rows: list[dict], header: str = "") -> str:
+    """ACC / ECE / NLL blocks in the paper's layout: methods × datasets, mean ± std over seeds."""
+    lines = [header] if header else []
+    for metric, scale, label in (("acc", 100, "ACC (%) ↑"), ("ece", 1, "ECE (%) ↓"), ("nll", 1, "NLL ↓")):
+        columns = _columns(grid)
+        lines += ["", f"**{label}**", "", "| method | " + " | ".join(c[0] for c in columns) + " |",
+                  "|---|" + "---|" * len(columns)]
+        for method in grid.methods:
+            cells = []
+            for _, train_task, eval_task in columns:
+                values = [r[metric] * scale for r in rows
+                          if r["method"] == method and r["train_task"] == train_task and r["eval_task"] == eval_task]
+                cells.append(_mean_std(values))
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def write_results(grid: Grid, rows: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if rows:
+        with open(out / "results.csv.tmp", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        (out / "results.csv.tmp").replace(out / "results.csv")
+    base = FitConfig.from_dict(grid.base)
+    header = (f"{base.model}, `{base.format}` format, adapters on blocks {base.layers} "
+              f"({base.target_modules}, rank {base.rank}), {base.steps} steps of {base.batch_size} questions, "
+              f"train_limit {base.train_limit}, seeds {grid.seeds}; mean ± std over seeds.")
+    atomic_write_text(out / "table.md", markdown_table(grid, rows, header))
+    _reliability_figure(grid, out)
+
+
+def _reliability_figure(grid: Grid, out: Path) -> None:
+    """One reliability panel per method, on the first task and seed (from the saved predictions)."""
+    from safetensors.torch import load_file
+
+    from .evaluation import plot_reliability_diagrams
+
+    task, seed = grid.tasks[0], grid.seeds[0]
+    curves = {}
+    for method in grid.methods:
+        path = cell_dir(out, task, method, seed) / "predictions.safetensors"
+        if path.exists():
+            saved = load_file(path)
+            key = next(k[: -len("/probs")] for k in saved if k.startswith(f"{task}/") and k.endswith("/probs"))
+            curves[method] = (saved[f"{key}/probs"], saved[f"{key}/labels"])
+    if curves:
+        plot_reliability_diagrams(curves, out / "reliability.png", title=f"{task} (seed {seed})")

@@ -1,0 +1,44 @@
+"""The results-table grid on the tiny random Llama: cells, resumability, CSV, Markdown, figure."""
+import csv
+import json
+
+import pytest
+
+from bayes_polar.errors import ConfigError
+from bayes_polar.table import Grid, run_grid
+
+pytestmark = pytest.mark.integration
+
+
+def test_grid_writes_the_table_and_skips_finished_cells(tmp_path, data_dir):
+    grid_file = tmp_path / "grid.json"
+    grid_file.write_text(json.dumps({
+        "base": {"model": "tiny-random-llama", "data_dir": str(data_dir), "train_limit": 12, "eval_limit": 6,
+                 "steps": 2, "batch_size": 4, "layers": "-1", "rank": 2, "threads": 1, "checkpoint_every": 0,
+                 "max_length": 64, "predictive_samples": 16, "cache_dir": str(tmp_path / "cache")},
+        "methods": ["lora-mle", "polar-vbll"], "tasks": ["openbookqa", "arc_easy"], "seeds": [0, 1],
+        "ood": {"train": "openbookqa", "eval": ["arc_challenge", "mmlu_college_physics"]}}))
+    grid = Grid.load(grid_file)
+    rows = run_grid(grid, tmp_path / "out", progress=False, log=lambda *_: None)
+    assert len(rows) == 2 * 2 * (3 + 1)  # methods × seeds × (OBQA: ID + 2 OOD, ARC-E: ID)
+    with open(tmp_path / "out" / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "openbookqa→mmlu_college_physics" in table and "| polar-vbll |" in table and "±" in table
+    assert (tmp_path / "out" / "reliability.png").stat().st_size > 0
+    assert any((tmp_path / "cache").rglob("*.safetensors")), "frozen-block states cached on disk"
+
+    marker = tmp_path / "out" / "cells" / "arc_easy" / "lora-mle" / "seed0" / "metrics.json"
+    before = marker.stat().st_mtime_ns
+    run_grid(grid, tmp_path / "out", progress=False, log=lambda *_: None)
+    assert marker.stat().st_mtime_ns == before, "finished cells are not re-run"
+
+
+def test_bad_grid_files(tmp_path):
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps({"base": {}, "methods": ["bayes-by-backprop"], "tasks": ["arc_easy"]}))
+    with pytest.raises(ConfigError, match="Unknown methods"):
+        Grid.load(path)
+    path.write_text(json.dumps({"base": {"stepz": 3}, "methods": ["lora-mle"], "tasks": ["arc_easy"]}))
+    with pytest.raises(ConfigError, match="Unknown configuration keys"):
+        Grid.load(path)
