@@ -6,6 +6,8 @@ loop never needs to know which one it drives.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 from functools import partial
 
@@ -43,6 +45,15 @@ def zero_shot_weights(format: str, feature_dim: int, answer_rows: torch.Tensor |
     return weights
 
 
+def _scoped(method):
+    """Run a VariationalHead method inside the head's own parameter store."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.scope():
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class VariationalHead:
     """The Bayesian last layer (Pyro model) and its guide, fitted by SVI on detached features.
 
@@ -62,7 +73,7 @@ class VariationalHead:
                  estimator: str = "jensen", num_particles: int = 8, kl_weight: float | None = None,
                  init_loc: torch.Tensor | None = None, lr: float = 1e-2, lr_lambda=None,
                  clip_norm: float | None = None, guide_kwargs: dict | None = None):
-        pyro.clear_param_store()  # one head per process: Pyro's parameter store is global
+        self._store, self._active = None, False
         self.model = BayesianLastLayer(in_features, num_rows, prior)
         builder = load_guide(guide, **(guide_kwargs or {}))
         if init_loc is not None and _accepts(builder, "init_loc_fn"):
@@ -79,15 +90,35 @@ class VariationalHead:
                                           "lr_lambda": lr_lambda or (lambda step: 1.0)})
         self.svi = SVI(self.model, self.elbo_guide, self.optim, self.elbo)
 
+    @contextlib.contextmanager
+    def scope(self):
+        """Activate this head's own Pyro parameter store (``ParamStoreDict.scope``), re-entrantly.
+
+        Pyro's store is global and keyed by name; scoping lets several heads (priors, guides,
+        ensemble members) live side by side in one process, e.g. in a notebook.
+        """
+        if self._active:
+            yield
+            return
+        with pyro.get_param_store().scope(self._store) as state:
+            self._active = True
+            try:
+                yield
+            finally:
+                self._active = False
+        self._store = state
+
     def _args(self, features: Features, labels):
         kwargs = dict(dataset_size=self.dataset_size, kl_scale=self.kl_scale)
         return (features.phi, features.mask, labels), kwargs
 
+    @_scoped
     def setup(self, features: Features, labels) -> None:
         """Create the guide's parameters (Pyro does it lazily on the first call)."""
         args, kwargs = self._args(features.detach(), labels)
         initialize_guide(self.guide, *args, **kwargs)
 
+    @_scoped
     def guide_step(self, features: Features, labels) -> float:
         """One SVI step on the guide (features detached); returns the per-example ELBO."""
         args, kwargs = self._args(features.detach(), labels)
@@ -95,14 +126,17 @@ class VariationalHead:
         self.optim.step()  # the learning-rate schedule
         return -loss / self.dataset_size
 
+    @_scoped
     def loss(self, features: Features, labels) -> torch.Tensor:
         """Negative per-example ELBO, differentiable in the features (the adapter step's loss)."""
         args, kwargs = self._args(features, labels)
         return self.elbo.differentiable_loss(self.model, self.elbo_guide, *args, **kwargs) / self.dataset_size
 
+    @_scoped
     def posterior(self):
         return weight_posterior(self.guide)
 
+    @_scoped
     @torch.no_grad()
     def predict_proba(self, features: Features, num_samples: int = DEFAULT_NUM_SAMPLES) -> torch.Tensor:
         """Posterior predictive: closed-form logit sampling for Gaussian guides, Pyro's otherwise."""
@@ -112,6 +146,7 @@ class VariationalHead:
             return pyro_predictive_proba(self.guide, features.phi, features.mask, num_samples)
         return predictive_proba(q, features.phi, features.mask, num_samples)
 
+    @_scoped
     @torch.no_grad()
     def point_proba(self, features: Features) -> torch.Tensor:
         """softmax at the posterior mean (median for non-Gaussian guides): no sampling."""
@@ -122,13 +157,16 @@ class VariationalHead:
             weights = self.guide.median(*args, **kwargs)[WEIGHT_SITE]
             return head_logits(weights, features.phi, features.mask).softmax(-1)
 
+    @_scoped
     def parameters(self) -> dict[str, torch.Tensor]:
         """Unconstrained guide (and prior) parameters by Pyro name."""
         return dict(pyro.get_param_store().named_parameters())
 
+    @_scoped
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().clone() for name, p in self.parameters().items()}
 
+    @_scoped
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         params = self.parameters()
         if set(params) != set(tensors):
@@ -137,9 +175,11 @@ class VariationalHead:
             for name, p in params.items():
                 p.copy_(tensors[name])
 
+    @_scoped
     def optimizer_state(self) -> dict:
         return self.optim.get_state()
 
+    @_scoped
     def load_optimizer_state(self, state: dict) -> None:
         self.optim.set_state(state)
 

@@ -92,6 +92,10 @@ class JointStep:
         self.head, self.adapter_step = head, adapter_step
 
     def __call__(self, features, labels) -> dict:
+        with self.head.scope():
+            return self._step(features, labels)
+
+    def _step(self, features, labels) -> dict:
         with poutine.trace(param_only=True) as capture:
             loss = self.head.loss(features, labels)
         _check_finite("loss", loss.detach())
