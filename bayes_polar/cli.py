@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import __version__
@@ -34,19 +35,26 @@ def _config(args, base: dict | None = None):
     return config_from_args(args, values)
 
 
-def _cmd_fit(args) -> int:
+def _fit(config, args) -> None:
+    """``run_fit``, in one process or as one of torchrun's (rank 0 alone reports)."""
+    from .distributed import session
     from .run import run_fit
 
-    run_fit(_config(args), args.out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+    with session() as ctx:
+        run_fit(config, args.out, overwrite=args.overwrite, resume=args.resume,
+                progress=not args.quiet and ctx.is_main, log=print if ctx.is_main else lambda *_: None)
+
+
+def _cmd_fit(args) -> int:
+    _fit(_config(args), args)
     return 0
 
 
 def _cmd_demo(args) -> int:
-    from .run import run_fit
-
     config = _config(args, DEMO)
-    print("bayes-polar demo: " + json.dumps({k: getattr(config, k) for k in DEMO}))
-    run_fit(config, args.out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("bayes-polar demo: " + json.dumps({k: getattr(config, k) for k in DEMO}))
+    _fit(config, args)
     return 0
 
 
@@ -120,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
+        return 2
+    if args.command not in ("fit", "demo") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print(f"bayes-polar: error: only fit and demo run under torchrun, not {args.command}", file=sys.stderr)
         return 2
     try:
         return args.func(args)

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed as ddp
 from .adapters import adapter_diagnostics, load_adapters, save_adapters
 from .backbone import load_backbone
-from .checkpoint import atomic_write_json, latest_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
+from .checkpoint import atomic_write_json, latest_checkpoint, load_checkpoint, prepare_run_dir
 from .config import FitConfig
 from .errors import ConfigError
 from .evaluation import classification_metrics, plot_elbo_trace, reliability_diagram
@@ -131,7 +132,7 @@ def warm_cache(pipe: Pipeline, encoded: EncodedTask, progress: bool = False) -> 
     if path is not None and path.exists():
         method.extractor.trunk.load(path)
     added = warm_prefix_cache(method, encoded, pipe.tokenizer, pipe.config.eval_batch_size, progress)
-    if path is not None and added:
+    if path is not None and added and ddp.is_main():
         method.extractor.trunk.save(path)
 
 
@@ -142,27 +143,31 @@ def train_pipeline(pipe: Pipeline, run_dir: Path, resume: bool, progress: bool, 
     started = time.time()
     warm_cache(pipe, pipe.train, progress)
     step, trace = 0, []
-    checkpoint = latest_checkpoint(run_dir) if resume else None
+    checkpoint = ddp.on_main(latest_checkpoint, run_dir) if resume else None  # the same one on every rank
     if checkpoint is not None:
         tensors, state, _ = load_checkpoint(checkpoint)
         step, trace = restore_training_state(method, tensors, state)
+        ddp.restore_rank_state(state)
         log(f"resuming from {checkpoint} at step {step}")
-    loader = epoch_loader(pipe.train, pipe.tokenizer, config.batch_size, config.seed)
+    ddp.replicate(method)  # multi-process: rank 0's parameters everywhere, gradients averaged over ranks
+    loader = epoch_loader(pipe.train, pipe.tokenizer, config.batch_size, config.seed, *ddp.shard())
     bar = tqdm(total=config.steps, initial=step, desc=config.method, disable=not progress)
     key = "elbo" if is_variational(config.method) else "nll"
 
     def callback(done: int, logs: dict) -> bool:
+        logs = ddp.mean_logs(logs)
         trace.append(logs.get(key, float("nan")))
         bar.update(1)
         bar.set_postfix({key: f"{trace[-1]:.4f}"})
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-            save_checkpoint(run_dir, *training_state(method, done, trace), step=done)
+            ddp.save_checkpoint(run_dir, *training_state(method, done, trace), step=done)
         return False
 
     step = fit(method, loader, config.steps, step, callback)
     bar.close()
-    save_checkpoint(run_dir, *training_state(method, step, trace), step=step)
-    _posthoc(pipe)
+    ddp.save_checkpoint(run_dir, *training_state(method, step, trace), step=step)
+    if ddp.is_main():  # multi-process: only rank 0 evaluates and writes artifacts
+        _posthoc(pipe)
     return {"steps": step, "examples": len(pipe.train), "seconds": round(time.time() - started, 1),
             "truncated": pipe.train.num_truncated, "trace_name": f"{key}_trace", "trace": trace}
 
@@ -185,15 +190,15 @@ def _fit_ensemble(config: FitConfig, run_dir: Path, resume: bool, progress: bool
     members, store, info, pipe = [], None, [], None
     for m in range(config.ensemble_size):
         member_config = dataclasses.replace(config, method="lora-mle", seed=config.seed + m)
-        member_dir = prepare_run_dir(run_dir / "members" / str(m), resume=True)
+        member_dir = ddp.on_main(prepare_run_dir, run_dir / "members" / str(m), resume=True)
         pipe = build_pipeline(member_config, trunk_store=store)
         if pipe.method.extractor.trunk is not None:
             store = pipe.method.extractor.trunk.store  # frozen blocks are shared by every member
-        if (member_dir / "head.safetensors").exists():
+        if ddp.on_main((member_dir / "head.safetensors").exists):
             _load_artifacts(pipe, member_dir)
         else:
             info.append(train_pipeline(pipe, member_dir, resume, progress, log))
-            save_artifacts(pipe, member_dir)
+            ddp.on_main(save_artifacts, pipe, member_dir)
         members.append(pipe.method.state_tensors())
     pipe.method = Ensemble(pipe.method, members)
     pipe.config = config
@@ -205,16 +210,20 @@ def _fit_ensemble(config: FitConfig, run_dir: Path, resume: bool, progress: bool
 
 def run_fit(config: FitConfig, out, overwrite: bool = False, resume: bool = False, progress: bool = True,
             log=print) -> dict:
-    """Train ``config`` into RUN_DIR ``out`` (resuming from its latest checkpoint if asked)."""
-    run_dir = prepare_run_dir(out, overwrite=overwrite, resume=resume)
-    _check_resume_config(run_dir, config, resume)
-    config.save(run_dir / "config.json")
+    """Train ``config`` into RUN_DIR ``out`` (resuming from its latest checkpoint if asked).
+
+    Under torchrun (:mod:`bayes_polar.distributed`) every process trains; rank 0 writes RUN_DIR and
+    evaluates, and the other ranks return ``{}`` after training.
+    """
+    run_dir = ddp.on_main(_prepare_run, out, config, overwrite, resume)
     if config.method == "lora-ensemble":
         pipe, info = _fit_ensemble(config, run_dir, resume, progress, log)
     else:
         pipe = build_pipeline(config)
         info = train_pipeline(pipe, run_dir, resume, progress, log)
-        save_artifacts(pipe, run_dir)
+        ddp.on_main(save_artifacts, pipe, run_dir)
+    if not ddp.is_main():
+        return {}
     trace_name, trace = info.pop("trace_name"), info.pop("trace")
     metrics = {"method": config.method, "task": config.task, "format": config.format, "train": info,
                trace_name: trace, "adapters": adapter_diagnostics(pipe.model), "evaluations": {},
@@ -329,6 +338,13 @@ def summary_table(metrics: dict) -> str:
         for label, r in rows:
             lines.append(f"{name:34s} {label:14s} {r['acc']:6.3f} {r['ece']:6.2f} {r['nll']:6.3f} {r['brier']:6.3f}")
     return "\n".join(lines)
+
+
+def _prepare_run(out, config: FitConfig, overwrite: bool, resume: bool) -> Path:
+    run_dir = prepare_run_dir(out, overwrite=overwrite, resume=resume)
+    _check_resume_config(run_dir, config, resume)
+    config.save(run_dir / "config.json")
+    return run_dir
 
 
 def _check_resume_config(run_dir: Path, config: FitConfig, resume: bool) -> None:

@@ -64,6 +64,7 @@ class AdapterStep:
         self.loss_fn, self.optimizer, self.scheduler = loss_fn, optimizer, scheduler
         self.clip_norm, self.name = clip_norm, name
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.grad_sync = None  # multi-process: averages gradients over ranks (bayes_polar.distributed.replicate)
 
     def __call__(self, features, labels) -> dict:
         loss = self.loss_fn(features, labels)
@@ -71,6 +72,8 @@ class AdapterStep:
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         for p, g in zip(self.params, grads):
             p.grad = g
+        if self.grad_sync is not None:
+            self.grad_sync(self.params)
         logs = {self.name: loss.item()}
         if self.clip_norm:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
@@ -99,9 +102,12 @@ class JointStep:
         with poutine.trace(param_only=True) as capture:
             loss = self.head.loss(features, labels)
         _check_finite("loss", loss.detach())
-        guide_params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        # a list, not a set: the same order on every rank when the gradients are averaged
+        guide_params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
         adapters = self.adapter_step.params
         loss.backward()
+        if self.adapter_step.grad_sync is not None:
+            self.adapter_step.grad_sync(adapters + guide_params)
         if self.adapter_step.clip_norm:
             torch.nn.utils.clip_grad_norm_(adapters, self.adapter_step.clip_norm)
         self.head.optim(guide_params)
