@@ -89,6 +89,8 @@ class TrainingGuard:
         return {}
 
     def _checkpoint_hint(self) -> str:
+        if self.run_dir is None:
+            return "Pass on_nan='skip' to skip such batches"
         found = self._last_checkpoint()
         restart = "start again with --overwrite (e.g. with a lower --lr)"
         if found is None:
@@ -99,8 +101,6 @@ class TrainingGuard:
     def _last_checkpoint(self):
         from .checkpoint import latest_checkpoint
 
-        if self.run_dir is None:
-            return None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
@@ -164,5 +164,5 @@ def _trainable(method):
 def _check_finite_parameters(method) -> None:
     bad = [name for name, param in _trainable(method) if not torch.isfinite(param).all()]
     if bad:
-        raise NumericalError(f"parameters became NaN or Inf after the update: {bad[:5]}"
-                             f"{' ...' if len(bad) > 5 else ''}")
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise NumericalError(f"parameters became NaN or Inf after the update: {', '.join(bad[:3])}{more}")

@@ -39,8 +39,8 @@ def _check_finite_grads(name: str, params, grads) -> None:
     """Raise before any update if a gradient holds NaN/Inf (says how many tensors, and their shapes)."""
     bad = [tuple(p.shape) for p, g in zip(params, grads) if g is not None and not torch.isfinite(g).all()]
     if bad:
-        raise NumericalError(f"gradients of the {name} are not finite in {len(bad)} of {len(params)} parameter "
-                             f"tensors (shapes {bad[:3]})")
+        raise NumericalError(f"gradients of the loss {name} are not finite in {len(bad)} of {len(params)} "
+                             f"parameter tensors (shapes {bad[:3]})")
 
 
 class GuideStep:

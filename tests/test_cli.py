@@ -211,3 +211,23 @@ def test_the_console_script_prints_one_line_not_a_traceback(tmp_path, data):
     assert done.returncode == 1, done.stderr
     assert done.stderr.strip().splitlines() == [
         f"bayes-polar: error: {data}/arc_easy/train.jsonl:line 2: expected a JSON object, got list"]
+
+
+def test_resume_skips_a_corrupted_latest_checkpoint_and_says_so(capsys, letters_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(letters_run[0], run)
+    latest = json.loads((run / "checkpoints" / "latest.json").read_text())["checkpoint"]
+    state = run / "checkpoints" / latest / "state.json"
+    state.write_bytes(state.read_bytes().replace(b"1", b"2", 1))  # same size, other bytes
+    config = json.loads((run / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        code = main(["fit", "--out", str(run), "--resume", "--config", str(tmp_path / "config.json"), *TINY])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    [warning] = [line for line in captured.err.splitlines() if "corrupt" in line]
+    assert warning.startswith(f"bayes-polar: warning: skipping corrupt checkpoint(s) {run / 'checkpoints' / latest}: "
+                              "state.json has sha256")
+    assert "(corrupted)" in warning and "falling back to" in warning
+    assert "resuming from" in captured.out

@@ -148,7 +148,7 @@ def test_a_skipped_batch_is_undone_exactly(data_dir, method):
 def _nan_grad_hook(pipe):
     name, layer = next(polar_layers(pipe.model))
     layer.polar_theta.register_hook(lambda grad: grad * float("nan"))
-    return r"gradients of the neg_elbo are not finite in 1 of \d+ parameter tensors \(shapes \[\(4, 4\)\]\)"
+    return r"gradients of the loss neg_elbo are not finite in 1 of 6 parameter tensors \(shapes \[\(4, 4\)\]\)"
 
 
 def _nan_guide_grad_hook(pipe):
@@ -162,7 +162,8 @@ def _nan_guide_grad_hook(pipe):
 def _infinite_lr(pipe):
     for group in pipe.method.optimizer.param_groups:
         group["lr"] = float("inf")
-    return r"parameters became NaN or Inf after the update: \['adapter\.model\.layers\.1\.self_attn\.q_proj\.polar_X'"
+    return (r"parameters became NaN or Inf after the update: adapter\.model\.layers\.1\.self_attn\.q_proj\.polar_X, "
+            r".*polar_Y, .*polar_theta and 3 more\. Pass on_nan='skip'")
 
 
 def _nan_head_loss(pipe):
