@@ -142,7 +142,8 @@ class TrainingGuard:
                 "reorthonormalised": [dict(entry) for entry in self.reorthonormalised]}
 
     def state_dict(self) -> dict:
-        return {"skipped_steps": list(self.skipped_steps), "reorthonormalised": [dict(e) for e in self.reorthonormalised]}
+        return {"skipped_steps": list(self.skipped_steps),
+                "reorthonormalised": [dict(entry) for entry in self.reorthonormalised]}
 
     def load_state_dict(self, state: dict | None) -> None:
         state = state or {}
