@@ -107,7 +107,7 @@ class JointStep:
         guide_params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
         adapters = self.adapter_step.params
         loss.backward()
-        _check_finite_grads("loss", [*adapters, *guide_params], [p.grad for p in (*adapters, *guide_params)])
+        _check_finite_grads("neg_elbo", [*adapters, *guide_params], [p.grad for p in (*adapters, *guide_params)])
         if self.adapter_step.clip_norm:
             torch.nn.utils.clip_grad_norm_(adapters, self.adapter_step.clip_norm)
         self.head.optim(guide_params)
