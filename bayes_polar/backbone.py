@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import OfflineError
+from .errors import ConfigError, MissingFileError, OfflineError
 from .hub import require_hub
 
 DEFAULT_BACKBONE = "smollm2-135m"
@@ -137,18 +137,38 @@ def _resolve(name_or_path: str) -> str:
 
 
 def _from_pretrained(cls, path: str, name: str, **kwargs):
-    """``cls.from_pretrained`` that tries local files first and fails fast when offline."""
+    """``cls.from_pretrained`` that tries local files first and fails fast when offline.
+
+    A folder transformers cannot load, a missing path and a hub id that is neither cached nor
+    reachable are one-line library errors (:class:`ConfigError`, :class:`MissingFileError`,
+    :class:`OfflineError`), never a stack trace from the hub client.
+    """
     if Path(path).exists():
-        return cls.from_pretrained(path, **kwargs)
+        try:
+            return cls.from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path!r} is not a model folder that transformers can load (save one with "
+                              f"save_pretrained, or pass an embedded name): {_reason(exc)}") from exc
     if Path(path).is_absolute() or path.startswith((".", "~")):
-        raise FileNotFoundError(f"No model folder at {path!r}")
+        raise MissingFileError(f"No model folder at {path!r}")
+    local = dict(local_files_only=True)
+    if hasattr(cls, "_model_mapping"):  # transformers' adapter lookup ignores local_files_only: ~30 s of retries
+        local["adapter_kwargs"] = {"local_files_only": True}
     try:
-        return cls.from_pretrained(path, local_files_only=True, **kwargs)
+        return cls.from_pretrained(path, **local, **kwargs)
     except OSError:
         pass
     hint = f"Pass a local folder or an embedded name: {', '.join([*EMBEDDED, TINY_RANDOM])}."
     require_hub("model", name, hint)
-    return cls.from_pretrained(path, **kwargs)
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model {name!r} cannot be loaded from the Hugging Face hub: {_reason(exc)}. {hint}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _converted(name: str) -> Path:

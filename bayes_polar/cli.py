@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 from . import __version__
 
@@ -121,7 +122,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(text: str) -> str:
+    """``text`` on one line (library messages may quote multi-line errors of other libraries)."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our warnings as one ``bayes-polar: warning: ...`` line; others as Python prints them."""
+    from .errors import BayesPolarWarning
+
+    if issubclass(category, BayesPolarWarning):
+        print(f"bayes-polar: warning: {one_line(message)}", file=file or sys.stderr)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand. Errors of bayes-polar (bad input, numerical faults, unusable checkpoints)
+    print one ``bayes-polar: error: ...`` line and return 1; anything else is a bug and keeps its traceback."""
     from .errors import BayesPolarError
 
     parser = build_parser()
@@ -133,10 +154,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bayes-polar: error: only fit and demo run under torchrun, not {args.command}", file=sys.stderr)
         return 2
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except BayesPolarError as exc:
-        print(f"bayes-polar: error: {exc}", file=sys.stderr)
+        print(f"bayes-polar: error: {one_line(exc)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("bayes-polar: interrupted (a fit continues from its latest checkpoint with --resume)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

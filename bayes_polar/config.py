@@ -16,6 +16,8 @@ from .formats import FORMATS
 METHODS = ("polar-vbll", "polar-vbll-la", "polar-mle", "lora-vbll", "lora-mle", "lora-map", "lora-mcdropout",
            "lora-ensemble", "lora-laplace", "temperature-scaling")
 SCHEDULES = ("cosine", "linear", "constant")
+ON_NAN = ("stop", "skip")
+ORTHOGONALITY_TOL = {"riemannian_adam": 1e-4, "landing": 0.1}  # landing: 2 x adapters.optim.LANDING_TOLERANCE
 MODES = ("alternating", "joint")
 
 
@@ -83,6 +85,16 @@ class FitConfig:
     threads: int = _help("torch CPU threads", 2)
     checkpoint_every: int = _help("steps between checkpoints (0: only at the end)", 50)
     eval_batch_size: int = _help("questions per evaluation batch", 16)
+    trust_remote_code: bool = _help("let transformers run Python code shipped with a hub model (only for a model "
+                                    "you trust)", False)
+    # faults
+    on_nan: str = _help("NaN/Inf in features, loss, gradients or parameters: stop (raise, naming the step; the "
+                        "last good checkpoint is kept) or skip (undo the batch's updates; counted in metrics.json)",
+                        "stop")
+    max_skipped_batches: int = _help("with --on-nan skip: stop once more than this many batches were skipped", 10)
+    orthogonality_tol: float | None = _help(
+        "re-orthonormalise a PoLAR factor X or Y (projection onto the Stiefel manifold) when ||X^T X - I||_F "
+        "exceeds this; logged in metrics.json (None: 1e-4 with riemannian_adam, 0.1 with landing)", None)
 
     def __post_init__(self):
         self.validate()
@@ -96,11 +108,12 @@ class FitConfig:
         _one_of("adapter_optimizer", self.adapter_optimizer, ("riemannian_adam", "landing"))
         _one_of("head_init", self.head_init, ("zero_shot", "prior"))
         _one_of("cache_dtype", self.cache_dtype, ("float32", "float16", "bfloat16"))
+        _one_of("on_nan", self.on_nan, ON_NAN)
         for name in ("steps", "batch_size", "rank", "num_particles", "guide_steps", "adapter_steps",
                      "predictive_samples", "mc_passes", "ensemble_size", "threads", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"Expected {name} >= 1 but got {getattr(self, name)}")
-        for name in ("head_warmup_steps", "warmup_steps", "checkpoint_every", "weight_decay"):
+        for name in ("head_warmup_steps", "warmup_steps", "checkpoint_every", "weight_decay", "max_skipped_batches"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"Expected {name} >= 0 but got {getattr(self, name)}")
         for name in ("lr", "head_lr", "alpha"):
@@ -110,8 +123,27 @@ class FitConfig:
             raise ConfigError(f"Expected 0 <= dropout < 1 but got {self.dropout}")
         if self.kl_weight is not None and self.kl_weight < 0:
             raise ConfigError(f"Expected kl_weight >= 0 but got {self.kl_weight}")
+        if self.orthogonality_tol is not None and not self.orthogonality_tol > 0:
+            raise ConfigError(f"Expected orthogonality_tol > 0 (or None) but got {self.orthogonality_tol}")
         self.prior_kwargs, self.guide_kwargs  # parse now: bad JSON fails early
         self.layer_indices
+        self._check_tasks()
+
+    def _check_tasks(self) -> None:
+        """Task names exist; a letters-format head is only evaluated on tasks with its answer words."""
+        from .tasks import task_spec
+
+        train = task_spec(self.task)
+        for item in self.eval_tasks.split(","):
+            name = item.strip().partition(":")[0]
+            if not name:
+                continue
+            spec = task_spec(name)
+            if self.format == "letters" and spec.answer_words != train.answer_words:
+                raise ConfigError(
+                    f"eval_tasks: {name} answers with {spec.answer_words}, but a letters-format head trained on "
+                    f"{self.task} has one row per answer word {train.answer_words}: letters heads only transfer "
+                    "between tasks with the same answer words (use --format options)")
 
     @property
     def prior_kwargs(self) -> dict:
@@ -129,6 +161,13 @@ class FitConfig:
             return [int(x) for x in self.layers.split(",") if x.strip()]
         except ValueError:
             raise ConfigError(f"layers must be 'all' or comma-separated integers, got {self.layers!r}") from None
+
+    @property
+    def orthogonality_tolerance(self) -> float:
+        """``orthogonality_tol``, or the adapter optimiser's default when it is None."""
+        if self.orthogonality_tol is not None:
+            return float(self.orthogonality_tol)
+        return ORTHOGONALITY_TOL[self.adapter_optimizer]
 
     @property
     def target_module_names(self) -> list[str]:
@@ -181,8 +220,8 @@ def add_config_arguments(parser, cls=FitConfig, skip=()) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = _field_type(f)
-        if kind is bool:
-            parser.add_argument(flag, type=_parse_bool, default=None, metavar="{true,false}",
+        if kind is bool:  # "--flag" alone means true; "--flag false" turns it off
+            parser.add_argument(flag, type=_parse_bool, default=None, nargs="?", const=True, metavar="{true,false}",
                                 help=f"{f.metadata['help']} (default: {f.default})")
         else:
             parser.add_argument(flag, type=_optional(kind), default=None,

@@ -59,3 +59,19 @@ class OffManifoldError(BayesPolarError, AssertionError):
 
 class AdapterMismatchError(BayesPolarError, ValueError):
     """Saved adapters whose tensor names or shapes differ from the model's adapters."""
+
+
+class MissingFileError(BayesPolarError, FileNotFoundError):
+    """A file or folder the user named (data, model, prior or guide file) that does not exist."""
+
+
+class UserModuleError(BayesPolarError, ImportError):
+    """A user's prior or guide file that fails to import (names the file, the line and the error)."""
+
+
+class InvalidValueError(BayesPolarError, ValueError):
+    """An argument of the right type and shape whose value is not allowed (echoes the value)."""
+
+
+class InvalidTypeError(BayesPolarError, TypeError):
+    """An argument of the wrong type or dtype (says which one was expected)."""

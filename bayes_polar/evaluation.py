@@ -29,7 +29,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .errors import NumericalError, ShapeMismatchError
+from .errors import InvalidTypeError, InvalidValueError, NumericalError, ShapeMismatchError
 
 ROW_SUM_ATOL = 1e-4  # float32/float64 inputs
 _HALF_ROW_SUM_ATOL = 1e-2  # float16/bfloat16 inputs
@@ -56,8 +56,9 @@ def check_probs(probs) -> Tensor:
     """Validate predictive probabilities and return them as a detached float64 tensor (N, C).
 
     Raises :class:`ShapeMismatchError` (not 2-D, or empty), :class:`NumericalError` (NaN/Inf),
-    ``TypeError`` (integer dtype) or ``ValueError`` (negative entries, or a row whose sum is not
-    1 within ``ROW_SUM_ATOL``; the message names the worst row).
+    :class:`InvalidTypeError` (integer dtype; a ``TypeError``) or :class:`InvalidValueError`
+    (negative entries, or a row whose sum is not 1 within ``ROW_SUM_ATOL``; the message names
+    the worst row; a ``ValueError``). Every error here is a :class:`BayesPolarError`.
     """
     probs = torch.as_tensor(probs)
     if probs.ndim != 2:
@@ -65,7 +66,7 @@ def check_probs(probs) -> Tensor:
     if probs.shape[0] == 0 or probs.shape[1] == 0:
         raise ShapeMismatchError(f"empty input: probs has shape {tuple(probs.shape)}; need N >= 1 and C >= 1")
     if not probs.is_floating_point():
-        raise TypeError(f"probs must be a floating tensor but got dtype {probs.dtype}")
+        raise InvalidTypeError(f"probs must be a floating tensor but got dtype {probs.dtype}")
     atol = _HALF_ROW_SUM_ATOL if probs.dtype in (torch.float16, torch.bfloat16) else ROW_SUM_ATOL
     p = probs.detach().to(torch.float64)
     bad_rows = (~torch.isfinite(p)).any(dim=1)
@@ -75,11 +76,11 @@ def check_probs(probs) -> Tensor:
                              f"first is row {i}: {p[i].tolist()}")
     if (p < 0).any():
         i = int((p < 0).any(dim=1).nonzero()[0])
-        raise ValueError(f"probs must be >= 0 but row {i} is {p[i].tolist()} (pass probabilities, not logits)")
+        raise InvalidValueError(f"probs must be >= 0 but row {i} is {p[i].tolist()} (pass probabilities, not logits)")
     deviation = (p.sum(dim=1) - 1).abs()
     worst = int(deviation.argmax())
     if deviation[worst] > atol:
-        raise ValueError(
+        raise InvalidValueError(
             f"rows of probs must sum to 1 (atol {atol:g}); worst is row {worst}, summing to "
             f"{float(p[worst].sum()):.6g}. Pass probabilities, not logits (apply softmax first)"
         )
@@ -96,12 +97,12 @@ def _check(probs, labels) -> tuple[Tensor, Tensor]:
             f"expected labels of shape ({p.shape[0]},)"
         )
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor but got dtype {y.dtype}")
+        raise InvalidTypeError(f"labels must be an integer tensor but got dtype {y.dtype}")
     y = y.detach().to(device=p.device, dtype=torch.long)
     outside = (y < 0) | (y >= p.shape[1])
     if outside.any():
         i = int(outside.nonzero()[0])
-        raise ValueError(f"labels must lie in [0, {p.shape[1]}) but labels[{i}] = {int(y[i])}")
+        raise InvalidValueError(f"labels must lie in [0, {p.shape[1]}) but labels[{i}] = {int(y[i])}")
     return p, y
 
 
@@ -111,7 +112,7 @@ def _check_n_bins(n_bins) -> int:
     except TypeError:
         value = None
     if value is None or isinstance(n_bins, bool) or value < 1:
-        raise ValueError(f"Expected an integer n_bins >= 1 but got {n_bins!r}")
+        raise InvalidValueError(f"Expected an integer n_bins >= 1 but got {n_bins!r}")
     return value
 
 
@@ -146,7 +147,7 @@ def negative_log_likelihood(probs, labels, eps: float = NLL_EPS) -> float:
     The clamp keeps a zero probability on the label finite (at most :math:`-\log\epsilon`).
     """
     if not 0 < eps < 1:
-        raise ValueError(f"Expected 0 < eps < 1 but got {eps!r}")
+        raise InvalidValueError(f"Expected 0 < eps < 1 but got {eps!r}")
     return _nll(*_check(probs, labels), eps)
 
 
@@ -304,9 +305,9 @@ def plot_reliability_diagrams(curves: Mapping[str, tuple], path, n_bins: int = 1
     ``curves`` maps a method name to its ``(probs, labels)``; each panel's legend gives its ECE.
     """
     if not curves:
-        raise ValueError("curves is empty: pass {name: (probs, labels)}")
+        raise InvalidValueError("curves is empty: pass {name: (probs, labels)}")
     if ncols < 1:
-        raise ValueError(f"Expected ncols >= 1 but got {ncols!r}")
+        raise InvalidValueError(f"Expected ncols >= 1 but got {ncols!r}")
     all_bins = {name: calibration_bins(p, y, n_bins) for name, (p, y) in curves.items()}
     ncols = min(ncols, len(all_bins))
     nrows = math.ceil(len(all_bins) / ncols)
@@ -333,7 +334,7 @@ def plot_elbo_trace(values, path, xlabel: str = "step", ylabel: str = "ELBO per 
     traces = dict(values) if isinstance(values, Mapping) else {None: values}
     traces = {name: [float(v) for v in trace] for name, trace in traces.items()}
     if not traces or any(len(t) == 0 for t in traces.values()):
-        raise ValueError("plot_elbo_trace needs at least one non-empty trace")
+        raise InvalidValueError("plot_elbo_trace needs at least one non-empty trace")
     fig = _figure((6, 4))
     ax = fig.add_subplot()
     for name, trace in traces.items():
@@ -353,7 +354,7 @@ def confidence_histogram(groups: Mapping[str, object], path, n_bins: int = 20,
     so groups of different sizes compare; the legend gives each group's size and mean confidence.
     """
     if not groups:
-        raise ValueError("groups is empty: pass {name: probs}")
+        raise InvalidValueError("groups is empty: pass {name: probs}")
     n_bins = _check_n_bins(n_bins)
     fig = _figure((6, 4))
     ax = fig.add_subplot()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .errors import NumericalError
 from .formats import Batch, check_format
 
 
@@ -50,6 +51,17 @@ class Features:
 
     def detach(self) -> "Features":
         return Features(self.phi.detach(), self.mask)
+
+
+def check_finite_features(features: Features, batch: Batch) -> Features:
+    """``features``, or :class:`NumericalError` naming the questions whose φ holds NaN/Inf."""
+    finite = torch.isfinite(features.phi)
+    if not finite.all():
+        rows = (~finite).flatten(1).any(1).nonzero().flatten()
+        questions = batch.indices[rows].tolist()
+        raise NumericalError(f"features contain NaN or Inf ({int((~finite).sum())} entries, questions "
+                             f"{questions[:5]}{' ...' if len(questions) > 5 else ''} of the split)")
+    return features
 
 
 class FeatureExtractor:

@@ -12,11 +12,12 @@ shared w, so questions with 3, 4 or 5 options share one head.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ConfigError, DataFormatError
+from .errors import BayesPolarWarning, ConfigError, DataFormatError
 from .tasks import LETTERS, Example, Task
 
 FORMATS = ("letters", "options")
@@ -117,14 +118,21 @@ class EncodedTask:
 def encode_task(task: Task, tokenizer, format: str = "options", max_length: int = 512) -> EncodedTask:
     """Tokenise every example of ``task`` in ``format``.
 
-    Prompts longer than ``max_length`` tokens lose tokens from the left (the question's start;
-    the end with ``Answer:`` and the option text are kept); ``num_truncated`` counts them.
+    Truncation policy: prompts longer than ``max_length`` tokens lose tokens from the left (the
+    question's start, or a BoolQ passage's; the end with ``Answer:`` and the option text are
+    kept). ``num_truncated`` counts the questions affected and a :class:`BayesPolarWarning` says
+    how many; runs report the count in metrics.json (``train.truncated``, ``evaluations.*.truncated``).
     """
     check_format(format)
     if max_length < 8:
         raise ConfigError(f"Expected max_length >= 8 but got {max_length}")
     encode = _encode_letters if format == "letters" else _encode_options
     items = [encode(example, task.kind, tokenizer, max_length) for example in task.examples]
+    truncated = sum(item.truncated for item in items)
+    if truncated:
+        warnings.warn(f"{task.name}/{task.split}: {truncated} of {len(items)} prompts are longer than "
+                      f"max_length={max_length} tokens and lose tokens from the left", BayesPolarWarning,
+                      stacklevel=2)
     if format == "letters":  # one class per answer word (A-E), whatever the question's choice count
         answer_ids = answer_token_ids(tokenizer, task.answer_words)
         return EncodedTask(task, format, items, len(task.answer_words), max_length, answer_ids)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 from functools import partial
 
 import pyro
@@ -18,11 +19,13 @@ import torch.nn.functional as F
 from pyro import poutine
 from pyro.infer import SVI
 from pyro.infer.autoguide.initialization import init_to_value
+from pyro.infer.util import zero_grads
+from pyro.optim.optim import is_scheduler
 from pyro.optim.clipped_adam import ClippedAdam
 from torch import nn
 
 from .elbo import make_elbo
-from .errors import ConfigError
+from .errors import ConfigError, NumericalError
 from .features import Features
 from .head import BayesianLastLayer, Prior, head_logits
 from .posterior import WEIGHT_SITE, initialize_guide, weight_posterior
@@ -120,9 +123,22 @@ class VariationalHead:
 
     @_scoped
     def guide_step(self, features: Features, labels) -> float:
-        """One SVI step on the guide (features detached); returns the per-example ELBO."""
+        """One SVI step on the guide (features detached); returns the per-example ELBO.
+
+        ``SVI.step`` with a check between the gradients and the update: a non-finite ELBO or
+        gradient raises :class:`NumericalError` before any parameter moves.
+        """
         args, kwargs = self._args(features.detach(), labels)
-        loss = self.svi.step(*args, **kwargs)
+        with poutine.trace(param_only=True) as capture:
+            loss = self.elbo.loss_and_grads(self.model, self.elbo_guide, *args, **kwargs)
+        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        try:
+            _check_guide_update(loss / self.dataset_size, params)
+        except NumericalError:
+            zero_grads(params)
+            raise
+        self.optim(params)
+        zero_grads(params)
         self.optim.step()  # the learning-rate schedule
         return -loss / self.dataset_size
 
@@ -181,7 +197,18 @@ class VariationalHead:
 
     @_scoped
     def load_optimizer_state(self, state: dict) -> None:
-        self.optim.set_state(state)
+        """Restore :meth:`optimizer_state`: into the optimisers that exist, the rest when created."""
+        store, pending = pyro.get_param_store(), dict(state)
+        for param, optimizer in self.optim.optim_objs.items():
+            saved = pending.pop(store.param_name(param), None)
+            if saved is None:
+                continue
+            if is_scheduler(optimizer):
+                optimizer.load_state_dict(saved["scheduler"])
+                optimizer.optimizer.load_state_dict(saved["optimizer"])
+            else:
+                optimizer.load_state_dict(saved)
+        self.optim.set_state(pending)
 
 
 class PointHead(nn.Module):
@@ -219,6 +246,16 @@ class PointHead(nn.Module):
         with torch.no_grad():
             self.weight.copy_(tensors["weight"])
         self.temperature = float(tensors.get("temperature", torch.tensor(1.0)))
+
+
+def _check_guide_update(loss: float, params) -> None:
+    """Raise :class:`NumericalError` if the (per-example) loss or a guide gradient is NaN/Inf."""
+    if not math.isfinite(loss):
+        raise NumericalError(f"the ELBO is not finite ({-loss})")
+    store = pyro.get_param_store()
+    bad = sorted(store.param_name(p) for p in params if p.grad is not None and not torch.isfinite(p.grad).all())
+    if bad:
+        raise NumericalError(f"gradients of the guide parameters {bad} are not finite")
 
 
 def _accepts(builder, name: str) -> bool:

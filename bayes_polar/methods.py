@@ -25,7 +25,7 @@ from torch import nn
 from .adapters import adapter_state_dict, adapters_disabled, inject_lora, inject_polar, make_adapter_optimizer
 from .adapters.inject import find_blocks, resolve_layers
 from .config import FitConfig
-from .features import FeatureExtractor, Features
+from .features import FeatureExtractor, Features, check_finite_features
 from .head import head_logits
 from .heads import PointHead, VariationalHead
 from .laplace import fit_laplace
@@ -79,8 +79,9 @@ class Method:
     extras: dict = field(default_factory=dict)
 
     def features(self, batch, grad: bool = False) -> Features:
+        """φ of a batch; NaN/Inf in it raises :class:`~bayes_polar.errors.NumericalError` naming the questions."""
         with torch.set_grad_enabled(grad):
-            return self.extractor(batch)
+            return check_finite_features(self.extractor(batch), batch)
 
     def train_step(self, batch, step: int) -> dict:
         """Run the method's steps on one minibatch; features are computed once per adapter update."""

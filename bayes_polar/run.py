@@ -24,6 +24,7 @@ from .checkpoint import atomic_write_json, latest_checkpoint, load_checkpoint, p
 from .config import FitConfig
 from .errors import ConfigError
 from .evaluation import classification_metrics, plot_elbo_trace, reliability_diagram
+from .faults import TrainingGuard
 from .features import FeatureExtractor, Features, answer_head_rows
 from .formats import EncodedTask, encode_task, make_loader
 from .heads import zero_shot_weights
@@ -72,7 +73,7 @@ def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = 
     """Backbone + adapters + features + head + steps for ``config`` (seeded)."""
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    model, tokenizer = load_backbone(config.model)
+    model, tokenizer = load_backbone(config.model, trust_remote_code=config.trust_remote_code)
     train_task = load_task(config.task, "train", data_dir or config.data_dir, limit=config.train_limit)
     heldout = None
     if config.method == "temperature-scaling":
@@ -143,11 +144,13 @@ def train_pipeline(pipe: Pipeline, run_dir: Path, resume: bool, progress: bool, 
     started = time.time()
     warm_cache(pipe, pipe.train, progress)
     step, trace = 0, []
+    guard = TrainingGuard.from_config(method, config, run_dir, log)
     checkpoint = ddp.on_main(latest_checkpoint, run_dir) if resume else None  # the same one on every rank
     if checkpoint is not None:
         tensors, state, _ = load_checkpoint(checkpoint)
         step, trace = restore_training_state(method, tensors, state)
         ddp.restore_rank_state(state)
+        guard.load_state_dict(state.get("faults"))
         log(f"resuming from {checkpoint} at step {step}")
     ddp.replicate(method)  # multi-process: rank 0's parameters everywhere, gradients averaged over ranks
     loader = epoch_loader(pipe.train, pipe.tokenizer, config.batch_size, config.seed, *ddp.shard())
@@ -160,16 +163,23 @@ def train_pipeline(pipe: Pipeline, run_dir: Path, resume: bool, progress: bool, 
         bar.update(1)
         bar.set_postfix({key: f"{trace[-1]:.4f}"})
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-            ddp.save_checkpoint(run_dir, *training_state(method, done, trace), step=done)
+            ddp.save_checkpoint(run_dir, *_guarded_state(guard, done, trace), step=done)
         return False
 
-    step = fit(method, loader, config.steps, step, callback)
+    step = fit(guard, loader, config.steps, step, callback)
     bar.close()
-    ddp.save_checkpoint(run_dir, *training_state(method, step, trace), step=step)
+    ddp.save_checkpoint(run_dir, *_guarded_state(guard, step, trace), step=step)
     if ddp.is_main():  # multi-process: only rank 0 evaluates and writes artifacts
         _posthoc(pipe)
     return {"steps": step, "examples": len(pipe.train), "seconds": round(time.time() - started, 1),
-            "truncated": pipe.train.num_truncated, "trace_name": f"{key}_trace", "trace": trace}
+            "truncated": pipe.train.num_truncated, "dropped": pipe.train.task.dropped, "faults": guard.report(),
+            "trace_name": f"{key}_trace", "trace": trace}
+
+
+def _guarded_state(guard: TrainingGuard, step: int, trace: list[float]) -> tuple[dict, dict]:
+    """:func:`training_state` plus the guard's record of skipped steps and re-orthonormalisations."""
+    tensors, state = training_state(guard.method, step, trace)
+    return tensors, {**state, "faults": guard.state_dict()}
 
 
 def _posthoc(pipe: Pipeline) -> None:
@@ -205,6 +215,7 @@ def _fit_ensemble(config: FitConfig, run_dir: Path, resume: bool, progress: bool
     trace = [x for item in info for x in item["trace"]]
     return pipe, {"steps": config.steps * config.ensemble_size, "examples": len(pipe.train),
                   "seconds": round(sum(i["seconds"] for i in info), 1), "truncated": pipe.train.num_truncated,
+                  "dropped": pipe.train.task.dropped, "faults": [i["faults"] for i in info],
                   "trace_name": "nll_trace", "trace": trace}
 
 
@@ -264,7 +275,8 @@ def evaluate_into(pipe: Pipeline, run_dir: Path, metrics: dict, targets, data_di
         encoded = encode_eval(pipe, task, split, data_dir, limit)
         warm_cache(pipe, encoded, progress)
         predictions = predict(pipe, encoded, pipe.config.predictive_samples, progress)
-        metrics["evaluations"][f"{task}/{split}"] = {**metrics_of(predictions), "truncated": encoded.num_truncated}
+        metrics["evaluations"][f"{task}/{split}"] = {**metrics_of(predictions), "truncated": encoded.num_truncated,
+                                                     "dropped": encoded.task.dropped}
         save_predictions(run_dir / "predictions.safetensors", f"{task}/{split}", predictions)
         name = task if split == default_split(task) else f"{task}_{split}"
         reliability_diagram(predictions["predictive"], predictions["labels"], run_dir / f"reliability_{name}.png",
@@ -352,7 +364,9 @@ def _check_resume_config(run_dir: Path, config: FitConfig, resume: bool) -> None
     if not resume or not path.exists():
         return
     saved = FitConfig.load(path).to_dict()
-    changed = {k for k, v in config.to_dict().items() if saved.get(k) != v and k not in ("steps", "threads")}
+    free = ("steps", "threads", "on_nan", "max_skipped_batches")  # change nothing an uninterrupted run computes
+    changed = {k for k, v in config.to_dict().items() if saved.get(k) != v and k not in free}
     if changed:
         raise ConfigError(f"--resume with a different configuration ({sorted(changed)}) than {path}; "
-                          "resume with the same options (only --steps may grow)")
+                          "resume with the same options (only --steps, --threads, --on-nan and "
+                          "--max-skipped-batches may change)")

@@ -35,6 +35,14 @@ def _check_finite(name: str, value: torch.Tensor) -> None:
         raise NumericalError(f"{name} is not finite")
 
 
+def _check_finite_grads(name: str, params, grads) -> None:
+    """Raise before any update if a gradient holds NaN/Inf (says how many tensors, and their shapes)."""
+    bad = [tuple(p.shape) for p, g in zip(params, grads) if g is not None and not torch.isfinite(g).all()]
+    if bad:
+        raise NumericalError(f"gradients of the loss {name} are not finite in {len(bad)} of {len(params)} "
+                             f"parameter tensors (shapes {bad[:3]})")
+
+
 class GuideStep:
     """SVI step(s) on the guide, features detached: ``{"elbo": per-example ELBO}``."""
 
@@ -70,6 +78,7 @@ class AdapterStep:
         loss = self.loss_fn(features, labels)
         _check_finite(self.name, loss.detach())
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        _check_finite_grads(self.name, self.params, grads)
         for p, g in zip(self.params, grads):
             p.grad = g
         if self.grad_sync is not None:
@@ -108,6 +117,7 @@ class JointStep:
         loss.backward()
         if self.adapter_step.grad_sync is not None:
             self.adapter_step.grad_sync(adapters + guide_params)
+        _check_finite_grads("neg_elbo", [*adapters, *guide_params], [p.grad for p in (*adapters, *guide_params)])
         if self.adapter_step.clip_norm:
             torch.nn.utils.clip_grad_norm_(adapters, self.adapter_step.clip_norm)
         self.head.optim(guide_params)

@@ -7,14 +7,17 @@ Hugging Face hub id when no local folder is given. Every row is validated: a mal
 """
 from __future__ import annotations
 
+import contextlib
+import csv
 import json
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .errors import BayesPolarWarning, DataFormatError, UnknownTaskError
+from .errors import BayesPolarWarning, DataFormatError, MissingFileError, UnknownTaskError
 from .hub import require_hub
 
 LETTERS = "ABCDEFGHIJ"
@@ -78,25 +81,47 @@ class TaskSpec:
     kind: str = "qa"
 
 
-def _need(row: Row, key: str):
-    """``row[key]``, or a KeyError that the caller turns into a located DataFormatError."""
+def _need(row: Row, key: str, kind: type | tuple[type, ...] | None = None):
+    """``row[key]``, or an error that the caller turns into a located DataFormatError.
+
+    ``kind``: the expected type(s); a value of another type is an error naming the field.
+    """
     value = row.get(key)
     if value is None:
         raise KeyError(f"missing field {key!r}")
+    if kind is not None and not isinstance(value, kind):
+        kinds = (kind,) if isinstance(kind, type) else kind
+        expected = " or ".join(_JSON_NAMES.get(k.__name__, k.__name__) for k in kinds)
+        raise TypeError(f"field {key!r} must be a {expected}, got {_json_value(value)}")
     return value
 
 
+_JSON_NAMES = {"dict": "JSON object", "str": "string", "int": "integer", "list": "list"}
+
+
+def _json_value(value) -> str:
+    text = json.dumps(value) if isinstance(value, (str, int, float, bool, list, dict)) else repr(value)
+    return f"{type(value).__name__} {text[:60]}"
+
+
+def _strings(field: str, values) -> list[str]:
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, (str, int)) for v in values):
+        raise TypeError(f"field {field!r} must be a list of strings, got {_json_value(values)}")
+    return [str(v) for v in values]
+
+
 def _parse_arc(row: Row, stem: str = "question") -> Example:
-    choices = _need(row, "choices")
-    texts, keys = _need(choices, "text"), _need(choices, "label")
+    choices = _need(row, "choices", dict)
+    texts = _strings("choices.text", _need(choices, "text"))
+    keys = _strings("choices.label", _need(choices, "label"))
     if len(texts) != len(keys) or len(texts) < 2:
         raise ValueError(f"choices must have as many texts as labels (>= 2), got {len(texts)} and {len(keys)}")
-    answer = str(_need(row, "answerKey"))
+    answer = str(_need(row, "answerKey", (str, int)))
     if answer not in keys:
         raise ValueError(f"answerKey {answer!r} is not one of the choice labels {list(keys)}")
     return Example(
-        question=str(_need(row, stem)),
-        choices=tuple(str(t) for t in texts),
+        question=str(_need(row, stem, str)),
+        choices=tuple(texts),
         label=list(keys).index(answer),
         uid=str(row.get("id", "")),
     )
@@ -107,15 +132,15 @@ def _parse_obqa(row: Row) -> Example:
 
 
 def _parse_winogrande(row: Row) -> Example:
-    sentence = str(_need(row, "sentence"))
+    sentence = _need(row, "sentence", str)
     if "_" not in sentence:
         raise ValueError("sentence has no blank '_'")
-    answer = str(_need(row, "answer"))
+    answer = str(_need(row, "answer", (str, int)))
     if answer not in ("1", "2"):
         raise ValueError(f"answer must be '1' or '2', got {answer!r}")
     return Example(
         question=sentence,
-        choices=(str(_need(row, "option1")), str(_need(row, "option2"))),
+        choices=(_need(row, "option1", str), _need(row, "option2", str)),
         label=int(answer) - 1,
         uid=str(row.get("qID", "")),
     )
@@ -126,7 +151,7 @@ def _parse_boolq(row: Row) -> Example:
     if not isinstance(label, bool):
         raise ValueError(f"label must be true or false, got {label!r}")
     return Example(
-        question=str(_need(row, "question")),
+        question=_need(row, "question", str),
         choices=("no", "yes"),
         label=int(label),
         uid=str(row.get("idx", "")),
@@ -215,7 +240,7 @@ def load_task(name: str, split: str, data_dir: str | os.PathLike | None = None, 
     spec = task_spec(name)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     if data_dir is not None:
-        rows, source = _local_rows(spec, split, data_dir, limit)
+        rows, source = _local_rows(name, spec, split, data_dir, limit)
     else:
         rows, source = _hub_rows(name, spec, split, limit)
     examples, dropped = [], 0
@@ -225,10 +250,14 @@ def load_task(name: str, split: str, data_dir: str | os.PathLike | None = None, 
             dropped += 1
             continue
         examples.append(example)
+    if not rows:
+        raise DataFormatError(f"{source}: split {split!r} of task {name!r} is empty (no rows)")
     if not examples:
-        raise DataFormatError(f"{source}: split {split!r} of task {name!r} has no usable rows")
+        raise DataFormatError(f"{source}: split {split!r} of task {name!r} has no usable rows: all {dropped} row(s) "
+                              f"have more than the task's {spec.num_classes} choices")
     if dropped:
-        warnings.warn(f"{name}/{split}: dropped {dropped} row(s) of {source}", BayesPolarWarning, stacklevel=2)
+        warnings.warn(f"{name}/{split}: dropped {dropped} row(s) of {source} with more than "
+                      f"{spec.num_classes} choices", BayesPolarWarning, stacklevel=2)
     return Task(name, split, examples, spec.num_classes, spec.answer_words, source, dropped, spec.kind)
 
 
@@ -244,34 +273,46 @@ def _parse_located(spec: TaskSpec, row: Row, source: str, where: str) -> Example
     return example
 
 
-def _local_rows(spec: TaskSpec, split: str, data_dir: Path, limit: int | None):
+def _local_rows(name: str, spec: TaskSpec, split: str, data_dir: Path, limit: int | None):
     if split not in spec.files:
-        raise DataFormatError(f"Task has no local split {split!r}; local splits: {', '.join(spec.files)}")
+        raise DataFormatError(f"Task {name!r} has no split {split!r}; its splits: {', '.join(spec.files)}")
     path = data_dir / spec.folder / spec.files[split]
-    if not path.exists():
-        raise FileNotFoundError(f"No data file at {path} (data dir {data_dir}); see shared/data/README.md")
+    if not path.is_file():
+        raise MissingFileError(f"No data file at {path} (data dir {data_dir}); see shared/data/README.md")
     if spec.csv_columns:
         return _csv_rows(path, spec.csv_columns, limit), str(path)
     return _jsonl_rows(path, limit), str(path)
 
 
 def _jsonl_rows(path: Path, limit: int | None):
-    """Rows of a JSONL file through ``datasets``, each with its line number."""
-    lines = _nonblank_lines(path)
+    """Rows of a JSONL file through ``datasets``, each with its line number.
+
+    Every line is checked to be one JSON object first (datasets/pyarrow name no line). When
+    datasets cannot unify the rows (a field whose type differs between rows) the plain JSON
+    rows are returned instead, so the row parser names the line and field that is off.
+    """
+    records = _json_records(path)
+    if not records:
+        return []
     try:
-        dataset = _load_dataset("json", data_files=str(path), split="train")
-    except Exception as exc:  # datasets/pyarrow give no line number: find it ourselves
-        raise _locate_json_error(path) or DataFormatError(f"{path}: cannot be read as JSON lines ({exc})") from None
-    if len(dataset) != len(lines):
-        raise _locate_json_error(path) or DataFormatError(f"{path}: {len(dataset)} rows for {len(lines)} lines")
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    return [(f"line {lines[i]}", dataset[i]) for i in range(n)]
+        with _quiet("datasets.packaged_modules.json.json"):
+            dataset = _load_dataset("json", data_files=str(path), split="train")
+    except Exception:  # noqa: BLE001 - pyarrow's schema errors: fall back to the plain rows
+        dataset = None
+    if dataset is None or len(dataset) != len(records):
+        rows = [row for _, row in records]
+    else:
+        rows = dataset
+    n = len(records) if limit is None else min(limit, len(records))
+    return [(f"line {records[i][0]}", rows[i]) for i in range(n)]
 
 
 def _csv_rows(path: Path, columns: tuple[str, ...], limit: int | None):
     """Rows of a header-less CSV file through ``datasets`` (MMLU's original format)."""
     import datasets
 
+    if not _check_csv_shape(path, columns):
+        return []
     features = datasets.Features({column: datasets.Value("string") for column in columns})
     try:
         dataset = _load_dataset("csv", data_files=str(path), split="train", column_names=list(columns),
@@ -282,23 +323,51 @@ def _csv_rows(path: Path, columns: tuple[str, ...], limit: int | None):
     return [(f"row {i + 1}", dataset[i]) for i in range(n)]
 
 
-def _nonblank_lines(path: Path) -> list[int]:
-    with open(path, encoding="utf-8") as f:
-        return [i for i, line in enumerate(f, start=1) if line.strip()]
+def _check_csv_shape(path: Path, columns: tuple[str, ...]) -> int:
+    """Number of rows of a header-less CSV file; a row with another number of fields is located."""
+    rows = 0
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, strict=True)
+        try:
+            for fields in reader:
+                if not fields:
+                    continue  # blank line (pandas skips them too)
+                rows += 1
+                if len(fields) != len(columns):
+                    raise DataFormatError(f"{path}:row {rows} (line {reader.line_num}): expected {len(columns)} "
+                                          f"comma-separated fields ({', '.join(columns)}), got {len(fields)}")
+        except csv.Error as exc:
+            raise DataFormatError(f"{path}:line {reader.line_num}: not valid CSV ({exc})") from None
+    return rows
 
 
-def _locate_json_error(path: Path) -> DataFormatError | None:
+def _json_records(path: Path) -> list[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line; the first bad line raises, located."""
+    records = []
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
+                value = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as exc:
-                return DataFormatError(f"{path}:line {i}: not valid JSON ({exc.msg} at column {exc.colno})")
+                raise DataFormatError(f"{path}:line {i}: not valid JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(value, dict):
-                return DataFormatError(f"{path}:line {i}: expected a JSON object, got {type(value).__name__}")
-    return None
+                raise DataFormatError(f"{path}:line {i}: expected a JSON object, got {type(value).__name__}")
+            records.append((i, value))
+    return records
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """Silence one library logger for the duration (datasets logs errors that we re-raise located)."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _hub_rows(name: str, spec: TaskSpec, split: str, limit: int | None):

@@ -33,7 +33,7 @@ def test_hf_offline_env_means_unreachable(monkeypatch):
 
 
 def test_missing_local_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="No model folder"):
+    with pytest.raises(FileNotFoundError, match="No model folder"):  # a MissingFileError
         load_backbone(str(tmp_path / "nothing-here"))
 
 
@@ -74,3 +74,25 @@ def test_smollm2_prefers_the_right_option_of_an_easy_question(smollm2):
     with torch.no_grad():
         phi = FeatureExtractor(model, "options")(next(iter(make_loader(enc, tokenizer)))).phi
     assert phi[0, :, -2].argmax().item() == 1  # summed option log-likelihood
+
+
+def test_hub_id_that_the_hub_does_not_have(monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from bayes_polar.errors import ConfigError
+
+    def from_pretrained(*args, **kwargs):
+        raise OSError("someone/typo is not a local folder and is not a valid model identifier\nmore lines")
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    with pytest.raises(ConfigError, match=r"^model 'someone/typo' cannot be loaded from the Hugging Face hub: "
+                                          r"someone/typo is not a local folder .*identifier\. Pass a local folder"):
+        load_backbone("someone/typo")
+
+
+def test_a_folder_that_is_not_a_model(tmp_path):
+    from bayes_polar.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="is not a model folder that transformers can load"):
+        load_backbone(str(tmp_path))

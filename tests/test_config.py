@@ -4,7 +4,7 @@ import argparse
 import pytest
 
 from bayes_polar.config import FitConfig, add_config_arguments, config_from_args
-from bayes_polar.errors import ConfigError
+from bayes_polar.errors import BayesPolarError, ConfigError
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -16,9 +16,14 @@ from bayes_polar.errors import ConfigError
     ({"prior_args": "{variance: 2}"}, "prior_args must be a JSON object"),
     ({"layers": "top4"}, "layers must be 'all' or comma-separated integers"),
     ({"elbo": "exact"}, "elbo must be one of"),
+    ({"on_nan": "ignore"}, r"on_nan must be one of \('stop', 'skip'\), got 'ignore'"),
+    ({"max_skipped_batches": -1}, "Expected max_skipped_batches >= 0 but got -1"),
+    ({"orthogonality_tol": 0.0}, r"Expected orthogonality_tol > 0 \(or None\) but got 0.0"),
+    ({"eval_tasks": "arc_easy,nope"}, "Unknown task 'nope'"),
+    ({"format": "letters", "task": "arc_easy", "eval_tasks": "winogrande_s"}, "letters heads only transfer"),
 ])
 def test_invalid_values(kwargs, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(BayesPolarError, match=message):
         FitConfig(**kwargs)
 
 
@@ -39,3 +44,19 @@ def test_command_line_overrides_are_type_checked():
     assert (config.steps, config.prefix_cache, config.kl_weight, config.lr, config.task) == (12, False, None, 3e-4, "boolq")
     with pytest.raises(SystemExit):
         parser.parse_args(["--steps", "many"])
+
+
+def test_fault_options_and_their_defaults():
+    config = FitConfig()
+    assert (config.on_nan, config.max_skipped_batches, config.trust_remote_code) == ("stop", 10, False)
+    assert config.orthogonality_tolerance == 1e-4
+    assert FitConfig(adapter_optimizer="landing").orthogonality_tolerance == 0.1
+    assert FitConfig(orthogonality_tol=1e-3).orthogonality_tolerance == 1e-3
+
+
+def test_a_bool_option_alone_means_true():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    assert config_from_args(parser.parse_args(["--trust-remote-code"])).trust_remote_code is True
+    assert config_from_args(parser.parse_args(["--trust-remote-code", "false"])).trust_remote_code is False
+    assert config_from_args(parser.parse_args([])).trust_remote_code is False

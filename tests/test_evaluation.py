@@ -145,6 +145,17 @@ def test_invalid_inputs(probs, labels, error, match):
             metric(probs, labels)
 
 
+def test_input_errors_are_library_errors():
+    from bayes_polar.errors import BayesPolarError, InvalidTypeError, InvalidValueError
+
+    with pytest.raises(InvalidValueError) as info:
+        accuracy(torch.tensor([[2.0, -1.0]]), torch.tensor([0]))
+    assert isinstance(info.value, (BayesPolarError, ValueError))
+    with pytest.raises(InvalidTypeError) as info:
+        accuracy(torch.full((2, 2), 0.5), torch.tensor([0.0, 1.0]))
+    assert isinstance(info.value, (BayesPolarError, TypeError))
+
+
 @pytest.mark.parametrize("n_bins", [0, -3, 2.5, True, "15"])
 def test_invalid_n_bins(n_bins):
     with pytest.raises(ValueError, match="n_bins >= 1"):
@@ -219,6 +230,44 @@ def test_torchmetrics_agreement_property(case, n_bins):
     probs, labels = case
     padded = torch.cat([probs, torch.zeros(len(probs), 1, dtype=F64)], dim=1)  # torchmetrics needs C >= 2
     assert expected_calibration_error(probs, labels, n_bins) == pytest.approx(_tm_ece(padded, labels, n_bins), abs=1e-3)
+
+
+@PROPERTY
+@given(cases(), st.integers(1, 30))
+def test_ece_between_one_bin_and_per_example_gaps(case, n_bins):
+    """Coarser partitions average gaps away: ECE(1 bin) <= ECE(M bins) <= 100 * mean |conf - correct|."""
+    probs, labels = case
+    conf, pred = probs.max(dim=1)
+    per_example = 100 * float((conf - (pred == labels).double()).abs().mean())
+    one, many = expected_calibration_error(probs, labels, 1), expected_calibration_error(probs, labels, n_bins)
+    assert one <= many + 1e-9 and many <= per_example + 1e-9
+
+
+@PROPERTY
+@given(cases(), st.integers(2, 4))
+def test_invariant_to_repeating_the_data(case, copies):
+    probs, labels = case
+    assert _all(probs.repeat(copies, 1), labels.repeat(copies)) == pytest.approx(
+        {**_all(probs, labels), "n": copies * len(labels)}, abs=1e-9)
+
+
+@PROPERTY
+@given(cases())
+def test_nll_is_the_mean_negative_log_probability_of_the_label(case):
+    probs, labels = case
+    p_true = probs.gather(1, labels[:, None]).squeeze(1)
+    assume(bool((p_true >= 1e-12).all()))
+    assert negative_log_likelihood(probs, labels) == pytest.approx(float(-p_true.log().mean()), rel=1e-12, abs=1e-12)
+
+
+@PROPERTY
+@given(cases(), st.floats(0.05, 20))
+def test_accuracy_is_invariant_to_temperature(case, temperature):
+    probs, labels = case
+    top2 = probs.topk(min(2, probs.shape[1]), dim=1).values
+    assume(probs.shape[1] == 1 or bool((top2[:, 0] > top2[:, 1] * (1 + 1e-6)).all()))
+    scaled = (probs.log() / temperature).softmax(dim=1)
+    assert accuracy(scaled, labels) == accuracy(probs, labels)
 
 
 # ----------------------------------------------------------------------------- plots

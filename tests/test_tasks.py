@@ -116,3 +116,76 @@ def test_malformed_csv_row(tmp_path):
 def test_missing_file_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="arc_easy"):
         load_task("arc_easy", "train", tmp_path)
+
+
+# ----------------------------------------------------------------------------- every bad row is located
+def _row(**changes):
+    row = json.loads(GOOD)
+    row.update(changes)
+    return json.dumps(row) + "\n"
+
+
+@pytest.mark.parametrize("text,match", [
+    (GOOD + "[1, 2]\n", r"train.jsonl:line 2: expected a JSON object, got list"),
+    (GOOD + _row(choices="abc"), r"train.jsonl:line 2: field 'choices' must be a JSON object, got str \"abc\""),
+    (_row(choices={"text": "ab", "label": ["A", "B"]}), r"line 1: field 'choices.text' must be a list of strings"),
+    (GOOD + _row(question=5), r"line 2: field 'question' must be a string, got int 5"),
+    (_row(question=None), r"line 1: missing field 'question'"),
+    (_row(choices={"text": ["a"], "label": ["A"]}), r"line 1: choices must have as many texts as labels \(>= 2\)"),
+    (GOOD + "\n\n" + _row(answerKey="Z"), r"line 4: answerKey 'Z' is not one of the choice labels \['A', 'B'\]"),
+    ("", r"train.jsonl: split 'train' of task 'arc_easy' is empty \(no rows\)"),
+    ("\n  \n", r"split 'train' of task 'arc_easy' is empty"),
+    (_row(choices={"text": list("abcdef"), "label": list("ABCDEF")}),
+     r"has no usable rows: all 1 row\(s\) have more than the task's 5 choices"),
+])
+def test_bad_jsonl_rows_name_file_line_and_field(tmp_path, text, match):
+    _write(tmp_path, "arc_easy", "train.jsonl", text)
+    with pytest.raises(DataFormatError, match=match):
+        load_task("arc_easy", "train", tmp_path)
+
+
+@pytest.mark.parametrize("folder,name,task,text,match", [
+    ("winogrande", "train_xs.jsonl", "winogrande_xs",
+     '{"qID": "1", "sentence": "A _ b.", "option1": "x", "option2": "y", "answer": "3"}\n',
+     r"train_xs.jsonl:line 1: answer must be '1' or '2', got '3'"),
+    ("winogrande", "train_xs.jsonl", "winogrande_xs",
+     '{"qID": "1", "sentence": "no blank", "option1": "x", "option2": "y", "answer": "1"}\n',
+     r"line 1: sentence has no blank '_'"),
+    ("boolq", "train_nopassage.jsonl", "boolq", '{"question": "is it?", "answer": "yes"}\n',
+     r"train_nopassage.jsonl:line 1: label must be true or false, got 'yes'"),
+    ("openbookqa", "train.jsonl", "openbookqa", GOOD, r"line 1: missing field 'question_stem'"),
+])
+def test_bad_rows_of_other_tasks(tmp_path, folder, name, task, text, match):
+    _write(tmp_path, folder, name, text)
+    with pytest.raises(DataFormatError, match=match):
+        load_task(task, "train", tmp_path)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("What?,1,2,3,4,A\nWhy?,1,2,3,A\n", r"college_physics_test.csv:row 2 \(line 2\): expected 6 comma-separated "
+                                       r"fields \(question, A, B, C, D, answer\), got 5"),
+    ("What?,1,2,3,4,A,extra\n", r"row 1 \(line 1\): expected 6 comma-separated fields .* got 7"),
+    ('What?,"1,2,3,4,A\n', r"college_physics_test.csv:line 1: not valid CSV"),
+    ("", r"split 'test' of task 'mmlu_college_physics' is empty"),
+])
+def test_bad_csv_rows_are_located(tmp_path, text, match):
+    _write(tmp_path, "mmlu", "college_physics_test.csv", text)
+    with pytest.raises(DataFormatError, match=match):
+        load_task("mmlu_college_physics", "test", tmp_path)
+
+
+def test_a_field_whose_type_changes_between_rows_is_located(tmp_path):
+    # pyarrow cannot unify the column (object, then string); the plain rows name the line
+    _write(tmp_path, "arc_easy", "train.jsonl", GOOD + GOOD + _row(choices="A or B"))
+    with pytest.raises(DataFormatError, match=r"line 3: field 'choices' must be a JSON object"):
+        load_task("arc_easy", "train", tmp_path)
+
+
+def test_missing_file_and_split_are_library_errors(tmp_path):
+    from bayes_polar.errors import BayesPolarError, MissingFileError
+
+    with pytest.raises(MissingFileError, match=r"No data file at .*arc_easy/train.jsonl") as info:
+        load_task("arc_easy", "train", tmp_path)
+    assert isinstance(info.value, (BayesPolarError, FileNotFoundError))
+    with pytest.raises(DataFormatError, match=r"Task 'arc_easy' has no split 'test'; its splits: train, validation"):
+        load_task("arc_easy", "test", tmp_path)

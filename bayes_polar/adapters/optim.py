@@ -69,12 +69,28 @@ def landing_field(x: torch.Tensor, grad: torch.Tensor, landing_lambda: float) ->
     return relative + landing_lambda * (x @ (gram - eye))  # (n, r)
 
 
+def match_state_layout_(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-parameter state tensor (``exp_avg``, ...) its parameter's memory layout again.
+
+    Stiefel factors are column-major (the Q of a QR) and Adam's moments are ``zeros_like`` them;
+    a checkpoint stores tensors contiguous, and products such as ``Xᵀ exp_avg`` in the transport
+    then sum in another order (1 ulp apart), so a resumed run would drift from an uninterrupted one.
+    """
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_strided(param.shape, param.stride(), dtype=value.dtype,
+                                                 device=value.device).copy_(value)
+
+
 class RiemannianAdam(geoopt.optim.RiemannianAdam):
-    """:class:`geoopt.optim.RiemannianAdam` whose ``load_state_dict`` keeps ``step`` a Python int.
+    """:class:`geoopt.optim.RiemannianAdam` whose ``load_state_dict`` resumes bit for bit.
 
     ``torch.optim.Adam.__setstate__`` (run by ``load_state_dict``) turns geoopt's int step counts
     into float32 tensors; geoopt then computes the bias corrections :math:`1 - \\beta^t` in float32
-    instead of float64, and a resumed run drifts from the uninterrupted one (~1e-7 per step).
+    instead of float64, and a resumed run drifts from the uninterrupted one (~1e-7 per step): the
+    counts are made ints again. State tensors get their parameter's layout back
+    (:func:`match_state_layout_`).
     """
 
     def load_state_dict(self, state_dict) -> None:
@@ -82,14 +98,20 @@ class RiemannianAdam(geoopt.optim.RiemannianAdam):
         for state in self.state.values():
             if torch.is_tensor(state.get("step")):
                 state["step"] = int(state["step"].item())
+        match_state_layout_(self)
 
 
 class LandingAdamW(torch.optim.AdamW):
     r"""AdamW whose groups with a ``landing_lambda`` step along :func:`landing_field`, not the gradient.
 
     Build it with :func:`make_adapter_optimizer` (``name="landing"``). Groups without
-    ``landing_lambda`` (or with None) are plain AdamW. State dicts round-trip like AdamW's.
+    ``landing_lambda`` (or with None) are plain AdamW. State dicts round-trip like AdamW's, with
+    the state tensors in their parameter's memory layout (:func:`match_state_layout_`).
     """
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        match_state_layout_(self)
 
     def step(self, closure=None):
         loss = None

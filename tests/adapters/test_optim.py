@@ -116,6 +116,39 @@ def test_state_dict_round_trip_gives_identical_next_steps(tiny_llama, sentence_i
         assert torch.equal(model.state_dict()[key], value), key
 
 
+def _as_saved(obj):
+    """What a checkpoint gives back: contiguous copies (safetensors stores no strides)."""
+    if torch.is_tensor(obj):
+        return obj.detach().clone().contiguous()
+    if isinstance(obj, dict):
+        return {k: _as_saved(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_as_saved(v) for v in obj)
+    return obj
+
+
+@pytest.mark.parametrize("name", ["riemannian_adam", "landing"])
+def test_state_from_a_checkpoint_resumes_bit_for_bit(tiny_llama, sentence_ids, name):
+    """X, Y are column-major (Q of a QR) and so are their Adam moments; contiguous saved copies get that back."""
+    model, _ = tiny_llama
+    inject_polar(model, rank=4)
+    optimizer = make_adapter_optimizer(model, name, lr=1e-2)
+    train(model, optimizer, sentence_ids, 3)
+    checkpoint_model, checkpoint_optim = _as_saved(model.state_dict()), _as_saved(optimizer.state_dict())
+    assert any(p.stride() != _as_saved(p).stride() for p in optimizer.state), "a non-contiguous factor to test"
+    train(model, optimizer, sentence_ids, 3)
+    expected = {k: v.clone() for k, v in model.state_dict().items() if "polar_" in k}
+
+    model.load_state_dict(checkpoint_model)
+    resumed = make_adapter_optimizer(model, name, lr=1.0)
+    resumed.load_state_dict(checkpoint_optim)
+    for param, state in resumed.state.items():
+        assert all(v.stride() == param.stride() for v in state.values() if torch.is_tensor(v) and v.ndim)
+    train(model, resumed, sentence_ids, 3)
+    for key, value in expected.items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
 def test_factory_rejects_unknown_names_and_bad_rates(tiny_llama):
     model, _ = tiny_llama
     with pytest.raises(ConfigError, match="optimizer name must be one of \\('riemannian_adam', 'landing'\\), got 'sgd'"):
