@@ -268,24 +268,8 @@ def replicate(method) -> None:
         for s in (step, getattr(step, "adapter_step", None)):
             if s is not None and hasattr(s, "grad_sync"):
                 s.grad_sync = average_gradients_
-    if hasattr(method.head, "svi"):
-        _sync_svi(method.head)
-
-
-def _sync_svi(head) -> None:
-    """Rebuild ``head.svi`` so that its gradients are averaged over ranks before the guide optimiser steps."""
-    from pyro import poutine
-    from pyro.infer import SVI
-
-    inner = head.elbo.loss_and_grads
-
-    def loss_and_grads(model, guide, *args, **kwargs):
-        with poutine.trace(param_only=True) as capture:
-            loss = inner(model, guide, *args, **kwargs)
-        average_gradients_([site["value"].unconstrained() for site in capture.trace.nodes.values()])
-        return loss
-
-    head.svi = SVI(head.model, head.elbo_guide, head.optim, loss=head.elbo.loss, loss_and_grads=loss_and_grads)
+    if hasattr(method.head, "grad_sync"):
+        method.head.grad_sync = average_gradients_
 
 
 # ------------------------------------------------------------------------------------ checkpoints

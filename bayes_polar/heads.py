@@ -91,7 +91,9 @@ class VariationalHead:
         optim_args = {"lr": lr, "clip_norm": clip_norm if clip_norm else 1e9}
         self.optim = pyro.optim.LambdaLR({"optimizer": ClippedAdam, "optim_args": optim_args,
                                           "lr_lambda": lr_lambda or (lambda step: 1.0)})
-        self.svi = SVI(self.model, self.elbo_guide, self.optim, self.elbo)
+        self.grad_sync = None  # multi-process: averages the guide's gradients over ranks
+        self.svi = SVI(self.model, self.elbo_guide, self.optim, loss=self.elbo.loss,
+                       loss_and_grads=self._loss_and_grads)
 
     @contextlib.contextmanager
     def scope(self):
@@ -121,24 +123,27 @@ class VariationalHead:
         args, kwargs = self._args(features.detach(), labels)
         initialize_guide(self.guide, *args, **kwargs)
 
-    @_scoped
-    def guide_step(self, features: Features, labels) -> float:
-        """One SVI step on the guide (features detached); returns the per-example ELBO.
-
-        ``SVI.step`` with a check between the gradients and the update: a non-finite ELBO or
-        gradient raises :class:`NumericalError` before any parameter moves.
-        """
-        args, kwargs = self._args(features.detach(), labels)
+    def _loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """The ELBO's ``loss_and_grads``, then gradient averaging over processes (``grad_sync``,
+        set by :func:`bayes_polar.distributed.replicate`) and a finiteness check, all before
+        ``SVI.step`` moves a parameter: a non-finite ELBO or gradient raises NumericalError."""
         with poutine.trace(param_only=True) as capture:
-            loss = self.elbo.loss_and_grads(self.model, self.elbo_guide, *args, **kwargs)
-        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+            loss = self.elbo.loss_and_grads(model, guide, *args, **kwargs)
+        params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
+        if self.grad_sync is not None:
+            self.grad_sync(params)
         try:
             _check_guide_update(loss / self.dataset_size, params)
         except NumericalError:
             zero_grads(params)
             raise
-        self.optim(params)
-        zero_grads(params)
+        return loss
+
+    @_scoped
+    def guide_step(self, features: Features, labels) -> float:
+        """One ``SVI.step`` on the guide (features detached); returns the per-example ELBO."""
+        args, kwargs = self._args(features.detach(), labels)
+        loss = self.svi.step(*args, **kwargs)
         self.optim.step()  # the learning-rate schedule
         return -loss / self.dataset_size
 

@@ -152,9 +152,7 @@ def _nan_grad_hook(pipe):
 
 
 def _nan_guide_grad_hook(pipe):
-    import pyro
-
-    name, param = next(iter(pyro.get_param_store().named_parameters()))
+    name, param = next(iter(pipe.method.head.parameters().items()))  # the head's own (scoped) store
     param.register_hook(lambda grad: grad * float("nan"))
     return rf"gradients of the guide parameters \['{name}'\] are not finite"
 
