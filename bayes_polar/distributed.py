@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import pickle
 from dataclasses import dataclass
 
 import torch
@@ -193,25 +192,32 @@ def on_main(fn, *args, **kwargs):
     ctx = context()
     if not ctx.enabled:
         return fn(*args, **kwargs)
-    payload = [None]
+    payload, failure = [None], None
     if ctx.is_main:
         try:
             payload = [("ok", fn(*args, **kwargs))]
         except Exception as exc:  # re-raised below, on every rank
-            payload = [("error", exc if _picklable(exc) else RuntimeError(f"rank 0: {type(exc).__name__}: {exc}"))]
+            failure = exc
+            payload = [("error", (type(exc).__name__, str(exc)))]
     dist.broadcast_object_list(payload, src=0)
     status, value = payload[0]
     if status == "error":
-        raise value
+        raise failure if failure is not None else _remote_error(*value)
     return value
 
 
-def _picklable(obj) -> bool:
-    try:
-        pickle.loads(pickle.dumps(obj))
-    except Exception:
-        return False
-    return True
+def _remote_error(name: str, message: str) -> Exception:
+    """Rank 0's exception on another rank: the same library or builtin class when there is one."""
+    from . import errors
+    import builtins
+
+    cls = getattr(errors, name, None) or getattr(builtins, name, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(message)
+        except Exception:  # noqa: BLE001 - an exotic constructor: fall back to a plain message
+            pass
+    return RuntimeError(f"rank 0: {name}: {message}")
 
 
 def gather_objects(obj) -> list:
