@@ -27,7 +27,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from .adapters.inject import find_blocks
-from .features import position_ids_from_mask
+from .features import model_device, position_ids_from_mask
 from .formats import Batch
 
 
@@ -45,7 +45,7 @@ class _PassThrough(nn.Module):
 
 
 def _sequence_key(ids: torch.Tensor) -> str:
-    return hashlib.sha1(ids.to(torch.int64).numpy().tobytes()).hexdigest()
+    return hashlib.sha1(ids.to(torch.int64).cpu().numpy().tobytes()).hexdigest()
 
 
 def common_prefix_length(sequences: list[torch.Tensor]) -> int:
@@ -134,7 +134,7 @@ class CachedTrunk:
             ids, mask = batch.input_ids[alone], batch.attention_mask[alone]
             hidden = self.prefix_states(ids, mask)
             for j, i in enumerate(alone):
-                self.store[keys[i]] = hidden[j][mask[j].bool()].to(self.dtype).clone()
+                self.store[keys[i]] = hidden[j][mask[j].bool().to(hidden.device)].to(self.dtype).clone()
 
     @staticmethod
     def _share(batch: Batch, rows: list[int]) -> tuple[list[list[int]], list[int]]:
@@ -174,7 +174,7 @@ class CachedTrunk:
         offset = torch.tensor(starts)[owner]  # (S,)
         rests = [s[p:] for g, p in zip(groups, starts) for s in g]
         rest_ids, rest_mask = _pad(rests, left=False)
-        cache.batch_select_indices(owner)
+        cache.batch_select_indices(owner.to(prefix.device))
         positions = offset.unsqueeze(1) + torch.arange(rest_ids.shape[1])
         rest = self._lower(rest_ids, torch.cat([prefix_mask[owner], rest_mask], 1), positions, cache)  # (S, R, d)
         width = prefix.shape[1]
@@ -183,6 +183,9 @@ class CachedTrunk:
 
     def _lower(self, input_ids, attention_mask, position_ids, cache=None) -> torch.Tensor:
         """Run the decoder on blocks < k only (a forward stopped at block k); ``cache`` is filled."""
+        device = model_device(self.model)
+        input_ids, attention_mask, position_ids = (t.to(device) for t in (input_ids, attention_mask, position_ids))
+
         def stop(module, args, kwargs):
             raise _StopForward(args[0] if args else kwargs["hidden_states"])
 
@@ -197,6 +200,7 @@ class CachedTrunk:
         raise RuntimeError("the forward pass never reached the cached block")
 
     def _run_top(self, prefix: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        attention_mask = attention_mask.to(prefix.device)
         with self._lower_blocks_skipped():
             out = self.model.get_decoder()(inputs_embeds=prefix, attention_mask=attention_mask,
                                            position_ids=position_ids_from_mask(attention_mask), use_cache=False)

@@ -57,11 +57,15 @@ def eval_targets(config: FitConfig) -> list[tuple[str, str]]:
     return targets
 
 
-def build_pipeline(config: FitConfig, data_dir=None) -> Pipeline:
-    """Backbone + adapters + features + head + steps for ``config`` (seeded)."""
+def build_pipeline(config: FitConfig, data_dir=None, backbone=None) -> Pipeline:
+    """Backbone + adapters + features + head + steps for ``config`` (seeded).
+
+    ``backbone``: a frozen ``(model, tokenizer)`` to use instead of loading ``config.model``, on
+    any device and dtype (the adapters follow the model's device; the head stays on the CPU).
+    """
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    model, tokenizer = load_backbone(config.model)
+    model, tokenizer = backbone if backbone is not None else load_backbone(config.model)
     train_task = load_task(config.task, "train", data_dir or config.data_dir, limit=config.train_limit)
     train = encode_task(train_task, tokenizer, config.format, config.max_length)
     torch.manual_seed(config.seed)
