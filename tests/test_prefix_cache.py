@@ -163,3 +163,15 @@ def test_start_layer_is_validated_and_fingerprint_tracks_weights(adapted):
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight.add_(1.0)
     assert model_fingerprint(model, 2, torch.float32) != key
+
+
+@pytest.mark.parametrize("options, cached", [([], True), (["--prefix-cache", "false"], False),
+                                             (["--layers", "all"], False)])
+def test_prefix_cache_is_the_cli_default_when_lower_blocks_are_frozen(data_dir, options, cached):
+    from bayes_polar.cli import _config, build_parser
+    from bayes_polar.run import build_pipeline
+
+    args = build_parser().parse_args(["fit", "--out", "unused", "--model", "tiny-random-llama", "--layers=-1",
+                                      "--train-limit", "4", "--threads", "1", *options])
+    pipe = build_pipeline(_config(args), data_dir)
+    assert isinstance(pipe.method.extractor.trunk, CachedTrunk) is cached
