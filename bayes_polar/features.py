@@ -8,6 +8,10 @@ norm) of shape (S, L, d). ``letters``: φ = h[:, -1], shaped (B, 1, d). ``option
           \\ell_{mean} = \\ell_{sum} / |cont|
 
 are the LM's own log-likelihood of the option text (on by default).
+
+The backbone may sit on any device and dtype: batches stay on the CPU, the trunk moves their
+token ids to the backbone, and φ comes back as float32 on the CPU, where the (small) last layer
+lives.
 """
 from __future__ import annotations
 
@@ -18,6 +22,11 @@ import torch.nn.functional as F
 
 from .errors import NumericalError
 from .formats import Batch, check_format
+
+
+def model_device(model) -> torch.device:
+    """Where the backbone's weights are (its input embeddings)."""
+    return model.get_input_embeddings().weight.device
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -32,13 +41,10 @@ class FullTrunk:
         self.model = model
 
     def __call__(self, batch: Batch) -> torch.Tensor:
-        decoder = self.model.get_decoder()
-        out = decoder(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=position_ids_from_mask(batch.attention_mask),
-            use_cache=False,
-        )
+        decoder, device = self.model.get_decoder(), model_device(self.model)
+        mask = batch.attention_mask.to(device)
+        out = decoder(input_ids=batch.input_ids.to(device), attention_mask=mask,
+                      position_ids=position_ids_from_mask(mask), use_cache=False)
         return out.last_hidden_state
 
 
@@ -89,9 +95,10 @@ class FeatureExtractor:
         hidden = self.trunk(batch)  # (S, L, d)
         last = hidden[:, -1].float()  # (S, d)
         if self.format == "letters":
-            return Features(last.unsqueeze(1), batch.choice_mask)
+            return Features(last.cpu().unsqueeze(1), batch.choice_mask)
         if self.loglik_features:
             last = torch.cat([last, option_loglik(self.model, hidden, batch)], dim=-1)
+        last = last.cpu()  # (S, D): the head lives on the CPU
         num_questions, num_classes = batch.choice_mask.shape
         phi = last.new_zeros(num_questions * num_classes, last.shape[-1])
         phi = phi.index_copy(0, batch.slots, last).view(num_questions, num_classes, -1)
@@ -99,25 +106,28 @@ class FeatureExtractor:
 
 
 def option_loglik(model, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """(S, 2): sum and mean log-likelihood of each sequence's continuation tokens."""
-    lengths = batch.continuation_lengths
-    window = int(min(lengths.max().item(), hidden.shape[1] - 1))
-    if window <= 0:
-        return hidden.new_zeros(hidden.shape[0], 2, dtype=torch.float32)
-    head = model.get_output_embeddings()
-    logits = head(hidden[:, -window - 1 : -1]).float()  # (S, K, V): positions predicting the last K tokens
-    targets = batch.input_ids[:, -window:]
-    token_logp = F.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (S, K)
-    scored = torch.arange(window, device=hidden.device) >= window - lengths.clamp(max=window).unsqueeze(1)
-    total = (token_logp * scored).sum(-1)
-    mean = total / scored.sum(-1).clamp(min=1)
+    """(S, 2): sum and mean log-likelihood of each sequence's continuation tokens.
+
+    Only the scored positions go through the LM head, as one (T, d) matrix (T = the batch's
+    continuation tokens): the head's vocabulary-wide product is the costliest step of a small
+    model's training step, so no padded window is computed.
+    """
+    num_sequences, width = batch.input_ids.shape
+    input_ids = batch.input_ids.to(hidden.device)
+    lengths = batch.continuation_lengths.to(hidden.device).clamp(max=width - 1)  # (S,)
+    scored = torch.arange(width, device=hidden.device) >= width - lengths.unsqueeze(1)  # (S, L): the last n tokens
+    rows, cols = scored.nonzero(as_tuple=True)  # (T,) each; the state at cols - 1 predicts token cols
+    logits = model.get_output_embeddings()(hidden[rows, cols - 1]).float()  # (T, V)
+    token_logp = -F.cross_entropy(logits, input_ids[rows, cols], reduction="none")  # (T,)
+    total = token_logp.new_zeros(num_sequences).index_add(0, rows, token_logp)
+    mean = total / lengths.clamp(min=1)
     return torch.stack([total, mean], dim=-1)
 
 
 def answer_head_rows(model, answer_ids: list[int]) -> torch.Tensor:
     """(C, d) rows of the LM head for the answer tokens: the zero-shot letters classifier."""
     weight = model.get_output_embeddings().weight
-    return weight[torch.tensor(answer_ids, device=weight.device)].detach().float().clone()
+    return weight[torch.tensor(answer_ids, device=weight.device)].detach().float().cpu().clone()
 
 
 @torch.no_grad()

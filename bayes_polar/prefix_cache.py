@@ -6,6 +6,13 @@ per sequence (real tokens only, keyed by the token ids), and on every later call
 decoder with blocks < k replaced by pass-throughs and the cached states as ``inputs_embeds``.
 Positions come from the attention mask (left padding), so the result equals the full pass up
 to float rounding (exactly, in float32 storage). ``dtype=torch.float16`` halves the memory.
+
+Filling the cache shares work between the option sequences of one question (``options``
+format: ``context + continuation`` per option). Their common leading tokens run through blocks
+< k once, with a key/value cache; then every option's remaining tokens run against that cache.
+Causal attention makes this equal to running each sequence on its own (up to float rounding),
+and what is stored per sequence does not change. Letters (one sequence per question) and
+questions whose options share no leading token take one padded pass, as before.
 """
 from __future__ import annotations
 
@@ -17,9 +24,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import DynamicCache
 
 from .adapters.inject import find_blocks
-from .features import position_ids_from_mask
+from .features import model_device, position_ids_from_mask
 from .formats import Batch
 
 
@@ -37,7 +45,26 @@ class _PassThrough(nn.Module):
 
 
 def _sequence_key(ids: torch.Tensor) -> str:
-    return hashlib.sha1(ids.to(torch.int64).numpy().tobytes()).hexdigest()
+    return hashlib.sha1(ids.to(torch.int64).cpu().numpy().tobytes()).hexdigest()
+
+
+def common_prefix_length(sequences: list[torch.Tensor]) -> int:
+    """Leading tokens shared by all ``sequences``, leaving each at least one token of its own."""
+    shortest = min(len(s) for s in sequences)
+    stacked = torch.stack([s[:shortest] for s in sequences])  # (n, shortest)
+    same = (stacked == stacked[0]).all(0).long()
+    return min(int(same.cumprod(0).sum()), shortest - 1)
+
+
+def _pad(sequences: list[torch.Tensor], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of 1-D token tensors, padded with 0 on the left or right."""
+    width = max(len(s) for s in sequences)
+    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, span], mask[i, span] = s, 1
+    return ids, mask
 
 
 class CachedTrunk:
@@ -48,13 +75,16 @@ class CachedTrunk:
     model: the causal LM (with adapters only on blocks ≥ ``start_layer``).
     start_layer: k ≥ 1, the first block that is run on every call.
     dtype: storage dtype of the cached states (float32: exact; float16: half the memory).
+    share_prefix: run the common context of a question's options once (module docstring);
+        False runs every sequence in full (the reference, for tests and benchmarks).
     """
 
-    def __init__(self, model, start_layer: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, model, start_layer: int, dtype: torch.dtype = torch.float32, share_prefix: bool = True):
         _, self.blocks = find_blocks(model)
         if not 1 <= start_layer < len(self.blocks):
             raise ValueError(f"Expected 1 <= start_layer < {len(self.blocks)} but got {start_layer}")
         self.model, self.start_layer, self.dtype = model, start_layer, dtype
+        self.share_prefix = share_prefix
         self.store: dict[str, torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -68,10 +98,11 @@ class CachedTrunk:
         missing = [i for i, key in enumerate(keys) if key not in self.store]
         if missing:
             self._fill(batch, missing, keys)
-        prefix = torch.zeros(*batch.input_ids.shape, self.model.config.hidden_size)
+        embed = self.model.get_input_embeddings().weight
+        prefix = embed.new_zeros(*batch.input_ids.shape, embed.shape[1])  # (S, L, d) in the model's dtype
         for i, key in enumerate(keys):
             states = self.store[key]
-            prefix[i, prefix.shape[1] - states.shape[0]:] = states.float()
+            prefix[i, prefix.shape[1] - states.shape[0]:] = states.to(prefix.dtype)
         return self._run_top(prefix, batch.attention_mask)
 
     @torch.no_grad()
@@ -94,21 +125,74 @@ class CachedTrunk:
     @torch.no_grad()
     def _fill(self, batch: Batch, rows: list[int], keys: list[str]) -> None:
         """Run blocks < k on the given rows and store each sequence's states for its real tokens."""
-        ids, mask = batch.input_ids[rows], batch.attention_mask[rows]
-        hidden = self.prefix_states(ids, mask)
-        for j, i in enumerate(rows):
-            self.store[keys[i]] = hidden[j][mask[j].bool()].to(self.dtype).clone()
+        shared, alone = self._share(batch, rows) if self.share_prefix else ([], rows)
+        if shared:
+            real = [[batch.input_ids[i][batch.attention_mask[i].bool()] for i in group] for group in shared]
+            for i, states in zip([i for group in shared for i in group], self.shared_prefix_states(real)):
+                self.store[keys[i]] = states.to(self.dtype)
+        if alone:
+            ids, mask = batch.input_ids[alone], batch.attention_mask[alone]
+            hidden = self.prefix_states(ids, mask)
+            for j, i in enumerate(alone):
+                self.store[keys[i]] = hidden[j][mask[j].bool().to(hidden.device)].to(self.dtype).clone()
+
+    @staticmethod
+    def _share(batch: Batch, rows: list[int]) -> tuple[list[list[int]], list[int]]:
+        """Split rows into groups (the options of one question sharing leading tokens) and the rest."""
+        question = (batch.slots // batch.choice_mask.shape[1]).tolist()
+        groups: dict[int, list[int]] = {}
+        for i in rows:
+            groups.setdefault(question[i], []).append(i)
+        shared, alone = [], []
+        for group in groups.values():
+            real = [batch.input_ids[i][batch.attention_mask[i].bool()] for i in group]
+            if len(group) > 1 and common_prefix_length(real) > 0:
+                shared.append(group)
+            else:
+                alone.extend(group)
+        return shared, alone
 
     @torch.no_grad()
     def prefix_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Hidden states entering block k, (S, L, d), by a forward stopped at that block."""
+        return self._lower(input_ids, attention_mask, position_ids_from_mask(attention_mask))
+
+    @torch.no_grad()
+    def shared_prefix_states(self, groups: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """States entering block k, (L_s, d) per sequence, for groups of sequences (1-D token ids).
+
+        Each group's common prefix runs once (left-padded with the other groups' prefixes),
+        filling a key/value cache of blocks < k; the cache rows are repeated per sequence and
+        every sequence's rest runs against them (right-padded: causal attention keeps the
+        padding out of real tokens). Returned flat, in the order of the groups' sequences.
+        """
+        starts = [common_prefix_length(g) for g in groups]
+        prefix_ids, prefix_mask = _pad([g[0][:p] for g, p in zip(groups, starts)], left=True)
+        cache = DynamicCache(config=self.model.config)
+        prefix = self._lower(prefix_ids, prefix_mask, position_ids_from_mask(prefix_mask), cache)  # (G, P, d)
+        owner = torch.tensor([q for q, g in enumerate(groups) for _ in g])  # (S,) group of each sequence
+        offset = torch.tensor(starts)[owner]  # (S,)
+        rests = [s[p:] for g, p in zip(groups, starts) for s in g]
+        rest_ids, rest_mask = _pad(rests, left=False)
+        cache.batch_select_indices(owner.to(prefix.device))
+        positions = offset.unsqueeze(1) + torch.arange(rest_ids.shape[1])
+        rest = self._lower(rest_ids, torch.cat([prefix_mask[owner], rest_mask], 1), positions, cache)  # (S, R, d)
+        width = prefix.shape[1]
+        return [torch.cat([prefix[q, width - p:], rest[j, : len(r)]])
+                for j, (q, p, r) in enumerate(zip(owner.tolist(), offset.tolist(), rests))]
+
+    def _lower(self, input_ids, attention_mask, position_ids, cache=None) -> torch.Tensor:
+        """Run the decoder on blocks < k only (a forward stopped at block k); ``cache`` is filled."""
+        device = model_device(self.model)
+        input_ids, attention_mask, position_ids = (t.to(device) for t in (input_ids, attention_mask, position_ids))
+
         def stop(module, args, kwargs):
             raise _StopForward(args[0] if args else kwargs["hidden_states"])
 
         handle = self.blocks[self.start_layer].register_forward_pre_hook(stop, with_kwargs=True)
         try:
-            self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                     position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+            self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                     cache=cache, use_cache=cache is not None)
         except _StopForward as stopped:
             return stopped.hidden_states
         finally:
@@ -116,6 +200,7 @@ class CachedTrunk:
         raise RuntimeError("the forward pass never reached the cached block")
 
     def _run_top(self, prefix: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        attention_mask = attention_mask.to(prefix.device)
         with self._lower_blocks_skipped():
             out = self.model.get_decoder()(inputs_embeds=prefix, attention_mask=attention_mask,
                                            position_ids=position_ids_from_mask(attention_mask), use_cache=False)

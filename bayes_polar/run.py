@@ -69,11 +69,18 @@ def _split_heldout(task: Task) -> tuple[Task, Task]:
     return keep, dataclasses.replace(task, examples=task.examples[cut:], split=f"{task.split}-heldout")
 
 
-def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = None) -> Pipeline:
-    """Backbone + adapters + features + head + steps for ``config`` (seeded)."""
+def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = None, backbone=None) -> Pipeline:
+    """Backbone + adapters + features + head + steps for ``config`` (seeded).
+
+    ``trunk_store``: a prefix-cache store shared with other pipelines on the same backbone (ensemble members).
+    ``backbone``: a frozen ``(model, tokenizer)`` to use instead of loading ``config.model``, on
+    any device and dtype (the adapters follow the model's device; the head stays on the CPU).
+    """
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    model, tokenizer = load_backbone(config.model, trust_remote_code=config.trust_remote_code)
+    if backbone is None:
+        backbone = load_backbone(config.model, trust_remote_code=config.trust_remote_code)
+    model, tokenizer = backbone
     train_task = load_task(config.task, "train", data_dir or config.data_dir, limit=config.train_limit)
     heldout = None
     if config.method == "temperature-scaling":
