@@ -8,7 +8,7 @@ adapters' stable rank and orthogonality error; the ELBO trace), ``reliability_<t
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from .checkpoint import (atomic_write_json, latest_checkpoint, load_checkpoint, 
 from .config import FitConfig
 from .errors import ConfigError
 from .evaluation import classification_metrics, plot_elbo_trace, reliability_diagram
-from .features import FeatureExtractor, Features, answer_head_rows
+from .features import FeatureExtractor, Features, answer_head_rows, extract_features
 from .formats import EncodedTask, encode_task, make_loader
 from .head import head_logits
 from .heads import zero_shot_weights
@@ -95,6 +95,28 @@ def encode_eval(pipe: Pipeline, task: str, split: str, data_dir=None, limit=None
                           f"{pipe.train.task.answer_words}: letters-format heads only transfer between tasks "
                           "with the same answer words (use --format options)")
     return encoded
+
+
+@torch.no_grad()
+def split_features(pipe: Pipeline, task: str | None = None, split: str | None = None, data_dir=None,
+                   limit: int | None = None, progress: bool = False) -> tuple[Features, torch.Tensor, EncodedTask]:
+    """Features (eval mode, the run's adapters), labels and the encoded questions of one split.
+
+    ``split="train"`` of the training task gives the training questions (``train_limit`` applies,
+    then ``limit``); other splits are encoded by :func:`encode_eval`. Defaults: the training task
+    and its evaluation split.
+    """
+    task = task or pipe.config.task
+    split = split or default_split(task)
+    if (task, split) == (pipe.config.task, "train"):
+        encoded = pipe.train if limit is None else replace(
+            pipe.train, items=pipe.train.items[:limit], task=replace(pipe.train.task, examples=pipe.train.task.examples[:limit]))
+    else:
+        encoded = encode_eval(pipe, task, split, data_dir, limit)
+    pipe.model.eval()
+    loader = make_loader(encoded, pipe.tokenizer, batch_size=pipe.config.eval_batch_size)
+    phi, mask, labels = extract_features(pipe.method.extractor, loader, progress)
+    return Features(phi, mask), labels, encoded
 
 
 @torch.no_grad()
