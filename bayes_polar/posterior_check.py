@@ -221,7 +221,7 @@ def compare_vi_nuts(phi, mask, labels, prior: Prior, guide="full", *, eval_data=
                              attrs={"inference": "NUTS"}, **names)
     vi = from_weight_draws(vi_draws.pop(WEIGHT_SITE), eval_phi, eval_mask, eval_labels,
                            extra={k: v.unsqueeze(0) for k, v in vi_draws.items()}, attrs={"inference": "VI"}, **names)
-    report = _report(nuts, vi, nuts_weights, vi_mean, vi_sd, eval_labels)
+    report = _report(nuts, vi, nuts_weights, vi_mean, vi_sd, eval_mask, eval_labels)
     report["nuts"].update(chains=chains, num_samples=num_samples, warmup=warmup, seconds=round(nuts_seconds, 1),
                           divergences=int(divergent.sum()))
     report["vi"] = {"guide": guide if isinstance(guide, str) else getattr(guide, "__name__", repr(guide)),
@@ -238,7 +238,7 @@ def _vi_moments(guide, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         return weights.mean(0), weights.std(0)
 
 
-def _report(nuts, vi, nuts_weights, vi_mean, vi_sd, labels) -> dict:
+def _report(nuts, vi, nuts_weights, vi_mean, vi_sd, mask, labels) -> dict:
     flat = nuts_weights.reshape(-1, *nuts_weights.shape[2:])
     nuts_mean, nuts_sd = flat.mean(0), flat.std(0)
     gap = (vi_mean - nuts_mean).abs() / nuts_sd
@@ -246,13 +246,14 @@ def _report(nuts, vi, nuts_weights, vi_mean, vi_sd, labels) -> dict:
     table = summary(nuts, round_to="none")
     p_nuts, p_vi = (torch.as_tensor(x.posterior_predictive["proba"].mean(("chain", "draw")).values) for x in (nuts, vi))
     diff = (p_vi - p_nuts).abs()
+    keep = torch.ones_like(diff, dtype=torch.bool) if mask is None else mask.bool()  # the choices that exist
     return {
         "nuts": {"max_r_hat": float(table["r_hat"].max()), "min_ess_bulk": float(table["ess_bulk"].min()),
                  "min_ess_tail": float(table["ess_tail"].min())},
         "moments": {"mean_gap_over_sd_mean": float(gap.mean()), "mean_gap_over_sd_max": float(gap.max()),
                     "sd_ratio_median": float(ratio.median()), "sd_ratio_min": float(ratio.min()),
                     "sd_ratio_max": float(ratio.max())},
-        "predictive": {"mean_abs_diff": float(diff[p_nuts.isfinite()].mean()),
+        "predictive": {"mean_abs_diff": float(diff[keep].mean()),
                        "max_total_variation": float(0.5 * diff.sum(-1).max()),
                        "vi": classification_metrics(p_vi, labels), "nuts": classification_metrics(p_nuts, labels)},
     }
