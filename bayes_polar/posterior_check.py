@@ -249,7 +249,8 @@ def _report(nuts, vi, nuts_weights, vi_mean, vi_sd, mask, labels) -> dict:
     keep = torch.ones_like(diff, dtype=torch.bool) if mask is None else mask.bool()  # the choices that exist
     return {
         "nuts": {"max_r_hat": float(table["r_hat"].max()), "min_ess_bulk": float(table["ess_bulk"].min()),
-                 "min_ess_tail": float(table["ess_tail"].min())},
+                 "min_ess_tail": float(table["ess_tail"].min()),
+                 "summary": table[["mean", "sd", "ess_bulk", "ess_tail", "r_hat"]].to_dict(orient="index")},
         "moments": {"mean_gap_over_sd_mean": float(gap.mean()), "mean_gap_over_sd_max": float(gap.max()),
                     "sd_ratio_median": float(ratio.median()), "sd_ratio_min": float(ratio.min()),
                     "sd_ratio_max": float(ratio.max())},
@@ -364,6 +365,9 @@ def format_report(report: dict) -> str:
     if not (nuts["max_r_hat"] < 1.01 and nuts["min_ess_bulk"] > 100 and nuts["divergences"] == 0):
         lines.append("  NUTS has not converged (want r_hat < 1.01, ESS > 100, no divergences): raise "
                      "--num-samples / --warmup before reading the comparison")
+    worst = sorted(nuts["summary"].items(), key=lambda item: -item[1]["r_hat"])[:3]
+    lines += [f"  {name:28s} mean {row['mean']:8.4f}  sd {row['sd']:.4f}  ESS {row['ess_bulk']:6.0f}  r_hat {row['r_hat']:.3f}"
+              for name, row in worst]
     lines.append(f"VI:   {vi['guide']} guide, {vi['elbo']} ELBO, {vi['steps']} steps, {vi['seconds']} s; "
                  f"ELBO/example {vi['final_elbo_per_example']:.4f}")
     lines.append(f"|mean_VI - mean_NUTS| / sd_NUTS: mean {moments['mean_gap_over_sd_mean']:.3f}, max "

@@ -56,7 +56,7 @@ def test_comparison_inference_data(comparisons):
     assert full.vi.posterior["W"].shape == (1, 2000, 1, 3)
     assert full.vi.posterior_predictive["proba"].shape == (1, 2000, 20, 3)
     text = format_report(full.report)
-    assert "max r_hat" in text and "sd_VI / sd_NUTS" in text and "mean |p_VI - p_NUTS|" in text
+    assert "max r_hat" in text and "W[class_0, phi_" in text and "sd_VI / sd_NUTS" in text and "mean |p_VI - p_NUTS|" in text
 
 
 def test_projection_is_orthonormal_and_keeps_the_included_direction():
