@@ -74,6 +74,16 @@ def _cmd_table(args) -> int:
     return 0
 
 
+def _cmd_posterior_check(args) -> int:
+    from .posterior_check import posterior_check
+
+    posterior_check(args.run_dir, task=args.task, split=args.split, limit=args.limit, eval_split=args.eval_split,
+                    eval_limit=args.eval_limit, dims=args.dims, num_samples=args.num_samples, warmup=args.warmup,
+                    chains=args.chains, vi_steps=args.vi_steps, elbo=args.elbo, data_dir=args.data_dir, seed=args.seed,
+                    progress=not args.quiet)
+    return 0
+
+
 def _add_fit_arguments(parser) -> None:
     from .config import add_config_arguments
 
@@ -115,6 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--out", required=True, help="output folder (finished cells are not re-run)")
     table.add_argument("--quiet", action="store_true", help="no progress bars")
     table.set_defaults(func=_cmd_table)
+
+    check = sub.add_parser("posterior-check", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           help="compare the run's VI posterior with NUTS on fixed (projected) training features")
+    check.add_argument("run_dir", help="a RUN_DIR of a variational method (polar-vbll, lora-vbll, ...)")
+    check.add_argument("--task", default=None, help="task of the questions (default: the run's training task)")
+    check.add_argument("--split", default="train", help="split NUTS and VI condition on")
+    check.add_argument("--limit", type=int, default=256, help="use the first N questions of that split")
+    check.add_argument("--eval-split", default=None, help="split of the predictive comparison (default: validation)")
+    check.add_argument("--eval-limit", type=int, default=256, help="first N questions of the evaluation split")
+    check.add_argument("--dims", type=int, default=32, help="project the features to this many dimensions")
+    check.add_argument("--num-samples", type=int, default=500, help="NUTS draws per chain")
+    check.add_argument("--warmup", type=int, default=500, help="NUTS warm-up steps per chain")
+    check.add_argument("--chains", type=int, default=2, help="NUTS chains (run one after the other)")
+    check.add_argument("--vi-steps", type=int, default=2000, help="SVI steps of the matching VI guide")
+    check.add_argument("--elbo", default="mc", choices=("mc", "jensen"), help="ELBO of the matching VI guide")
+    check.add_argument("--seed", type=int, default=0, help="random seed")
+    check.add_argument("--data-dir", default=None, help="local data mirror (default: the run's or $BAYES_POLAR_DATA)")
+    check.add_argument("--quiet", action="store_true", help="no progress bars")
+    check.set_defaults(func=_cmd_posterior_check)
 
     tasks = sub.add_parser("tasks", help="list the benchmark tasks and their row counts")
     tasks.add_argument("--data-dir", default=None, help="local data mirror (default: $BAYES_POLAR_DATA)")

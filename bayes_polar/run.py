@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from .config import FitConfig
 from .errors import ConfigError
 from .evaluation import classification_metrics, plot_elbo_trace, reliability_diagram
 from .faults import TrainingGuard
-from .features import FeatureExtractor, Features, answer_head_rows
+from .features import FeatureExtractor, Features, answer_head_rows, extract_features
 from .formats import EncodedTask, encode_task, make_loader
 from .heads import zero_shot_weights
 from .methods import Ensemble, Method, attach_adapters, build_method, first_adapted_block, is_variational
@@ -254,6 +254,28 @@ def run_fit(config: FitConfig, out, overwrite: bool = False, resume: bool = Fals
 
 
 # ------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def split_features(pipe: Pipeline, task: str | None = None, split: str | None = None, data_dir=None,
+                   limit: int | None = None, progress: bool = False) -> tuple[Features, torch.Tensor, EncodedTask]:
+    """Features (eval mode, the run's adapters), labels and the encoded questions of one split.
+
+    ``split="train"`` of the training task gives the training questions (``train_limit`` applies,
+    then ``limit``); other splits are encoded by :func:`encode_eval`. Defaults: the training task
+    and its evaluation split.
+    """
+    task = task or pipe.config.task
+    split = split or default_split(task)
+    if (task, split) == (pipe.config.task, "train"):
+        encoded = pipe.train if limit is None else replace(
+            pipe.train, items=pipe.train.items[:limit], task=replace(pipe.train.task, examples=pipe.train.task.examples[:limit]))
+    else:
+        encoded = encode_eval(pipe, task, split, data_dir, limit)
+    pipe.model.eval()
+    loader = make_loader(encoded, pipe.tokenizer, batch_size=pipe.config.eval_batch_size)
+    phi, mask, labels = extract_features(pipe.method.extractor, loader, progress)
+    return Features(phi, mask), labels, encoded
+
+
 @torch.no_grad()
 def predict(pipe: Pipeline, encoded: EncodedTask, num_samples: int, progress: bool = False) -> dict:
     """Predictive, point and zero-shot probabilities over an encoded split, with its labels."""

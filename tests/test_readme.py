@@ -61,3 +61,12 @@ def test_readme_names_only_existing_cli_options():
         if "bayes-polar fit" in block:
             used |= set(re.findall(r"(--[a-z][a-z-]+)", block))
     assert used and all(option in fit_help for option in used), used - set(re.findall(r"--[a-z-]+", fit_help))
+
+
+def test_readme_names_only_existing_posterior_check_options():
+    from bayes_polar.cli import build_parser
+
+    check_help = build_parser()._subparsers._group_actions[0].choices["posterior-check"].format_help()
+    used = {option for block in _blocks("bash") if "bayes-polar posterior-check" in block
+            for option in re.findall(r"(--[a-z][a-z-]+)", block)}
+    assert used and all(option in check_help for option in used), used
