@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import warnings
 
@@ -69,7 +70,7 @@ def _cmd_evaluate(args) -> int:
 def _cmd_table(args) -> int:
     from .table import Grid, run_grid
 
-    run_grid(Grid.load(args.config), args.out, progress=not args.quiet)
+    run_grid(Grid.load(args.config), args.out, progress=not args.quiet and args.jobs == 1, jobs=args.jobs)
     print(open(f"{args.out}/table.md").read())
     return 0
 
@@ -123,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     table = sub.add_parser("table", help="run a grid of methods x tasks x seeds and write the results table")
     table.add_argument("--config", required=True, help="grid JSON (see benchmarks/configs/)")
     table.add_argument("--out", required=True, help="output folder (finished cells are not re-run)")
+    table.add_argument("--jobs", type=int, default=1, help="cells run in this many processes at once (each "
+                       "uses the grid's `threads`; caches are filled first, one task per process)")
     table.add_argument("--quiet", action="store_true", help="no progress bars")
     table.set_defaults(func=_cmd_table)
 
@@ -169,13 +172,24 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 _python_show_warning = warnings.showwarning
 
 
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--layers -2,-1`` -> ``--layers=-2,-1``: argparse reads a value starting with '-' as an option."""
+    out = []
+    for arg in argv:
+        if out and out[-1] == "--layers" and re.fullmatch(r"-\d+(,\s*-?\d+)*", arg):
+            out[-1] = f"--layers={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a subcommand. Errors of bayes-polar (bad input, numerical faults, unusable checkpoints)
     print one ``bayes-polar: error: ...`` line and return 1; anything else is a bug and keeps its traceback."""
     from .errors import BayesPolarError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else list(argv)))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

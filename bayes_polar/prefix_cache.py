@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -221,7 +222,7 @@ class CachedTrunk:
         """Write the cache to one safetensors file (with the layer and dtype as metadata)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent writers (table --jobs) never share one
         meta = {"start_layer": str(self.start_layer), "dtype": str(self.dtype)}
         save_file({k: v.contiguous() for k, v in self.store.items()}, tmp, metadata=meta)
         tmp.replace(path)

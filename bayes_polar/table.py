@@ -70,23 +70,80 @@ def cell_dir(out: Path, task: str, method: str, seed: int) -> Path:
     return out / "cells" / task / method / f"seed{seed}"
 
 
-def run_grid(grid: Grid, out, progress: bool = True, log=print) -> list[dict]:
-    """Run every unfinished cell, then write results.csv, table.md and reliability.png."""
+def run_grid(grid: Grid, out, progress: bool = True, log=print, jobs: int = 1) -> list[dict]:
+    """Run every unfinished cell, then write results.csv, table.md and reliability.png.
+
+    ``jobs > 1`` runs cells in that many processes (give each ``threads`` cores): the frozen-block
+    caches are filled first, one task per process, so no two cells compute the same states.
+    """
     from .run import run_fit
 
     out = Path(out)
     cells = list(grid.cells())
-    for index, (task, method, seed, config) in enumerate(cells, start=1):
-        directory = cell_dir(out, task, method, seed)
-        if (directory / "metrics.json").exists():
-            continue
-        log(f"[{index}/{len(cells)}] {task} {method} seed {seed}")
-        if config.cache_dir is None:
-            config = replace(config, cache_dir=str(cache_dir() / "prefix"))
-        run_fit(config, directory, resume=directory.exists(), progress=progress, log=log)
+    todo = [(index, task, method, seed, _with_cache_dir(config))
+            for index, (task, method, seed, config) in enumerate(cells, start=1)
+            if not (cell_dir(out, task, method, seed) / "metrics.json").exists()]
+    if jobs <= 1:
+        for index, task, method, seed, config in todo:
+            log(f"[{index}/{len(cells)}] {task} {method} seed {seed}")
+            directory = cell_dir(out, task, method, seed)
+            run_fit(config, directory, resume=directory.exists(), progress=progress, log=log)
+    elif todo:
+        _run_parallel(todo, len(cells), out, jobs, log)
     rows = collect_rows(grid, out)
     write_results(grid, rows, out)
     return rows
+
+
+def _with_cache_dir(config: FitConfig) -> FitConfig:
+    return config if config.cache_dir is not None else replace(config, cache_dir=str(cache_dir() / "prefix"))
+
+
+def _run_parallel(todo: list, total: int, out: Path, jobs: int, log) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    warm = {}
+    for _, task, method, _, config in todo:  # one pipeline per task and data view (T scaling holds out 10%)
+        warm.setdefault((task, method == "temperature-scaling"), config)
+    failures = []
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        log(f"filling the frozen-block caches of {len(warm)} task views in {jobs} processes")
+        for future in as_completed([pool.submit(_warm_cell_cache, config) for config in warm.values()]):
+            future.result()
+        futures = {pool.submit(_run_cell, config, str(cell_dir(out, task, method, seed))):
+                   f"[{index}/{total}] {task} {method} seed {seed}" for index, task, method, seed, config in todo}
+        for future in as_completed(futures):
+            try:
+                future.result()
+                log(f"{futures[future]}: done")
+            except Exception as exc:  # keep the other cells running; report them all at the end
+                failures.append(f"{futures[future]}: {type(exc).__name__}: {exc}")
+                log(f"{futures[future]}: FAILED ({type(exc).__name__}: {exc})")
+    if failures:
+        raise ConfigError(f"{len(failures)} cell(s) failed (rerun the same command to retry them): "
+                          + "; ".join(failures))
+
+
+def _warm_cell_cache(config: FitConfig) -> None:
+    """Fill ``config``'s on-disk prefix caches (training split, held-out slice, every evaluated split)."""
+    import torch
+
+    from .run import build_pipeline, encode_eval, eval_targets, warm_cache
+
+    torch.set_num_threads(config.threads)
+    pipe = build_pipeline(config)
+    for encoded in (pipe.train, pipe.heldout):
+        if encoded is not None:
+            warm_cache(pipe, encoded)
+    for task, split in eval_targets(config):
+        warm_cache(pipe, encode_eval(pipe, task, split))
+
+
+def _run_cell(config: FitConfig, directory: str) -> None:
+    from .run import run_fit
+
+    run_fit(config, directory, resume=Path(directory).exists(), progress=False, log=lambda *_: None)
 
 
 def collect_rows(grid: Grid, out: Path) -> list[dict]:
@@ -150,7 +207,7 @@ def write_results(grid: Grid, rows: list[dict], out: Path) -> None:
     base = FitConfig.from_dict(grid.base)
     header = (f"{base.model}, `{base.format}` format, adapters on blocks {base.layers} "
               f"({base.target_modules}, rank {base.rank}), {base.steps} steps of {base.batch_size} questions, "
-              f"train_limit {base.train_limit}, seeds {grid.seeds}; mean ± std over seeds.")
+              f"train_limit {base.train_limit}, eval_limit {base.eval_limit}, seeds {grid.seeds}; mean ± std over seeds.")
     atomic_write_text(out / "table.md", markdown_table(grid, rows, header))
     _reliability_figure(grid, out)
 

@@ -231,3 +231,13 @@ def test_resume_skips_a_corrupted_latest_checkpoint_and_says_so(capsys, letters_
                               "state.json has sha256")
     assert "(corrupted)" in warning and "falling back to" in warning
     assert "resuming from" in captured.out
+
+
+def test_layers_accepts_negative_indices_without_equals_sign():
+    from bayes_polar.cli import _join_negative_values, build_parser
+
+    argv = _join_negative_values(["fit", "--out", "r", "--layers", "-2,-1", "--steps", "3"])
+    assert argv == ["fit", "--out", "r", "--layers=-2,-1", "--steps", "3"]
+    assert build_parser().parse_args(argv).layers == "-2,-1"
+    assert _join_negative_values(["fit", "--layers", "-1"]) == ["fit", "--layers=-1"]
+    assert _join_negative_values(["fit", "--layers", "all"]) == ["fit", "--layers", "all"]

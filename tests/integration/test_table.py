@@ -42,3 +42,22 @@ def test_bad_grid_files(tmp_path):
     path.write_text(json.dumps({"base": {"stepz": 3}, "methods": ["lora-mle"], "tasks": ["arc_easy"]}))
     with pytest.raises(ConfigError, match="Unknown configuration keys"):
         Grid.load(path)
+
+
+def test_grid_in_two_processes_matches_one(tmp_path, data_dir):
+    """--jobs 2: caches filled first, cells in spawned processes; same metrics as the sequential grid."""
+    base = {"model": "tiny-random-llama", "data_dir": str(data_dir), "train_limit": 8, "eval_limit": 4,
+            "steps": 2, "batch_size": 4, "layers": "-1", "rank": 2, "threads": 1, "checkpoint_every": 0,
+            "max_length": 48, "predictive_samples": 8}
+    grid = Grid(base={**base, "cache_dir": str(tmp_path / "cache")}, methods=["polar-vbll", "temperature-scaling"],
+                tasks=["arc_easy"], seeds=[0])
+    parallel = run_grid(grid, tmp_path / "parallel", progress=False, log=lambda *_: None, jobs=2)
+    sequential = run_grid(Grid(base={**base, "cache_dir": str(tmp_path / "cache2")}, methods=grid.methods,
+                               tasks=grid.tasks, seeds=grid.seeds), tmp_path / "seq", progress=False,
+                          log=lambda *_: None)
+    key = lambda r: (r["method"], r["eval_task"])  # noqa: E731
+    assert len(parallel) == 2
+    for a, b in zip(sorted(parallel, key=key), sorted(sequential, key=key)):
+        assert a["acc"] == b["acc"] and a["nll"] == pytest.approx(b["nll"], rel=1e-5)
+    names = {p.name for p in (tmp_path / "cache").rglob("*.safetensors")}
+    assert any("train-heldout" in n for n in names), "temperature scaling's held-out slice was cached too"
