@@ -191,11 +191,7 @@ class FitConfig:
 
     @classmethod
     def load(cls, path) -> "FitConfig":
-        try:
-            values = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"Cannot read the configuration {path}: {exc}") from None
-        return cls.from_dict(values)
+        return cls.from_dict(read_json(path, "the configuration"))
 
 
 def _one_of(name: str, value, allowed) -> None:
@@ -264,3 +260,14 @@ def _parse_bool(text: str) -> bool:
     if lowered in ("false", "0", "no", "off"):
         return False
     raise ValueError(f"expected true or false, got {text!r}")
+
+
+def read_json(path, what: str) -> dict:
+    """A JSON object from ``path``, or a :class:`ConfigError` naming ``what`` and the file."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"Cannot read {what} {path}: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{what.capitalize()} {path} must be a JSON object, got {type(values).__name__}")
+    return values

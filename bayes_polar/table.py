@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .backbone import cache_dir
 from .checkpoint import atomic_write_text
-from .config import METHODS, FitConfig
+from .config import METHODS, FitConfig, read_json
 from .errors import ConfigError
 
 METRICS = ("acc", "ece", "nll", "brier")
@@ -39,10 +39,7 @@ class Grid:
 
     @classmethod
     def load(cls, path) -> "Grid":
-        try:
-            values = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"Cannot read the grid file {path}: {exc}") from None
+        values = read_json(path, "the grid file")
         unknown = set(values) - {"base", "methods", "tasks", "seeds", "ood"}
         if unknown:
             raise ConfigError(f"Unknown grid keys {sorted(unknown)} in {path}")

@@ -29,7 +29,8 @@ MODELS = ("tiny-random-llama", "smollm2-135m", "random-llama-1b")
 DEFAULT_LAYERS = {"tiny-random-llama": "-1", "smollm2-135m": "-2,-1", "random-llama-1b": "-2,-1"}
 
 
-def base_parser(doc: str, repeats: int = 5) -> argparse.ArgumentParser:
+def base_parser(doc: str, repeats: int = 5, batches: tuple[int, str] | None = None) -> argparse.ArgumentParser:
+    """Options every benchmark shares; ``batches=(count, what)`` adds ``--batches`` and ``--batch-size``."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=_epilog(doc),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-random-llama", choices=MODELS,
@@ -42,6 +43,10 @@ def base_parser(doc: str, repeats: int = 5) -> argparse.ArgumentParser:
     parser.add_argument("--layers", default=None,
                         help="adapted blocks (default: -1 on the tiny Llama, -2,-1 otherwise: the demo's)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: benchmarks/results/...)")
+    if batches is not None:
+        count, what = batches
+        parser.add_argument("--batches", type=int, default=count, help=f"{what}, cycled (default: %(default)s)")
+        parser.add_argument("--batch-size", type=int, default=8, help="questions per batch (default: %(default)s)")
     return parser
 
 

@@ -32,9 +32,7 @@ def head_only(args, polar, batches, repeats: int = 50) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = bench.base_parser(__doc__, repeats=10)
-    parser.add_argument("--batches", type=int, default=3, help="distinct validation batches, cycled (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8, help="questions per batch (default: %(default)s)")
+    parser = bench.base_parser(__doc__, repeats=10, batches=(3, "distinct validation batches"))
     parser.add_argument("--mc-repeats", type=int, default=3, help="repeats of the MC-dropout comparison (default: %(default)s)")
     args = parser.parse_args(argv)
     bench.setup(args)

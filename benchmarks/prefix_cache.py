@@ -27,9 +27,7 @@ def compare_stores(a, b) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = bench.base_parser(__doc__, repeats=10)
-    parser.add_argument("--batches", type=int, default=4, help="training minibatches, cycled (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8, help="questions per minibatch (default: %(default)s)")
+    parser = bench.base_parser(__doc__, repeats=10, batches=(4, "training minibatches"))
     parser.add_argument("--fill-questions", type=int, default=64, help="questions per cache fill (default: %(default)s)")
     parser.add_argument("--fill-repeats", type=int, default=5, help="timed fills per side (default: %(default)s)")
     args = parser.parse_args(argv)

@@ -18,9 +18,7 @@ TARGET = 1.10
 
 
 def main(argv=None) -> None:
-    parser = bench.base_parser(__doc__, repeats=10)
-    parser.add_argument("--batches", type=int, default=4, help="distinct minibatches, cycled (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8, help="questions per minibatch (default: %(default)s)")
+    parser = bench.base_parser(__doc__, repeats=10, batches=(4, "distinct minibatches"))
     args = parser.parse_args(argv)
     bench.setup(args)
     load = bench.load_now()
