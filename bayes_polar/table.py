@@ -100,13 +100,13 @@ def _run_parallel(todo: list, total: int, out: Path, jobs: int, log) -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    warm = {}
-    for _, task, method, _, config in todo:  # one pipeline per task and data view (T scaling holds out 10%)
-        warm.setdefault((task, method == "temperature-scaling"), config)
+    views = {}  # per task, one pipeline per data view (temperature scaling holds out 10% of train)
+    for _, task, method, _, config in todo:
+        views.setdefault(task, {}).setdefault(method == "temperature-scaling", config)
     failures = []
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        log(f"filling the frozen-block caches of {len(warm)} task views in {jobs} processes")
-        for future in as_completed([pool.submit(_warm_cell_cache, config) for config in warm.values()]):
+        log(f"filling the frozen-block caches of {len(views)} tasks in {jobs} processes")
+        for future in as_completed([pool.submit(_warm_caches, list(v.values())) for v in views.values()]):
             future.result()
         futures = {pool.submit(_run_cell, config, str(cell_dir(out, task, method, seed))):
                    f"[{index}/{total}] {task} {method} seed {seed}" for index, task, method, seed, config in todo}
@@ -122,19 +122,18 @@ def _run_parallel(todo: list, total: int, out: Path, jobs: int, log) -> None:
                           + "; ".join(failures))
 
 
-def _warm_cell_cache(config: FitConfig) -> None:
-    """Fill ``config``'s on-disk prefix caches (training split, held-out slice, every evaluated split)."""
-    import torch
-
+def _warm_caches(configs: list[FitConfig]) -> None:
+    """Fill the on-disk prefix caches of one task's cells (training split, held-out slice, evaluated splits),
+    one configuration after the other, so that a split is computed once."""
     from .run import build_pipeline, encode_eval, eval_targets, warm_cache
 
-    torch.set_num_threads(config.threads)
-    pipe = build_pipeline(config)
-    for encoded in (pipe.train, pipe.heldout):
-        if encoded is not None:
-            warm_cache(pipe, encoded)
-    for task, split in eval_targets(config):
-        warm_cache(pipe, encode_eval(pipe, task, split))
+    for config in configs:
+        pipe = build_pipeline(config)
+        for encoded in (pipe.train, pipe.heldout):
+            if encoded is not None:
+                warm_cache(pipe, encoded)
+        for task, split in eval_targets(config):
+            warm_cache(pipe, encode_eval(pipe, task, split))
 
 
 def _run_cell(config: FitConfig, directory: str) -> None:
