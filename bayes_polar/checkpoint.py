@@ -390,7 +390,7 @@ def load_checkpoint(path) -> tuple[dict, dict, int]:
 def prepare_run_dir(path, overwrite: bool = False, resume: bool = False) -> Path:
     """Create the run directory ``path``, refusing to mix with an old non-empty one by accident.
 
-    An existing non-empty directory needs ``resume`` (kept as is) or ``overwrite``: the old one
+    An existing directory holding more than a never-started run (marker and config.json) needs ``resume`` (kept as is) or ``overwrite``: the old one
     is renamed aside (``<name>.old-<random>``, atomic), the new one created, and only then is
     the old one deleted. Overwrite refuses a directory without the ``.bayes-polar-run`` marker
     this function writes, so a mistyped path is never deleted.
@@ -400,7 +400,7 @@ def prepare_run_dir(path, overwrite: bool = False, resume: bool = False) -> Path
         raise ConfigError("--overwrite and --resume exclude each other: pass only one")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{path} exists and is not a directory: choose another output directory")
-    if path.is_dir() and any(p.name != RUN_MARKER for p in path.iterdir()):
+    if path.is_dir() and not _never_started(path):
         if resume:
             return path
         if not overwrite:
@@ -410,6 +410,13 @@ def prepare_run_dir(path, overwrite: bool = False, resume: bool = False) -> Path
     path.mkdir(parents=True, exist_ok=True)
     _mark(path)
     return path
+
+
+def _never_started(path: Path) -> bool:
+    """Empty, or only what a run writes before its first step (marker + config.json): a run stopped by bad
+    input after creating RUN_DIR leaves nothing to lose, so the corrected command may reuse the folder."""
+    names = {p.name for p in path.iterdir()}
+    return names <= {RUN_MARKER} or (RUN_MARKER in names and names <= {RUN_MARKER, "config.json"})
 
 
 def _mark(path: Path) -> None:

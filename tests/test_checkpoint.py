@@ -274,15 +274,27 @@ def test_failed_atomic_write_keeps_old_content(tmp_path, monkeypatch):
 def test_run_dir_creation_and_refusal(tmp_path):
     run = prepare_run_dir(tmp_path / "runs" / "a")
     assert run.is_dir() and prepare_run_dir(run) == run  # only the marker inside: still "empty"
-    (run / "config.json").write_text("{}")
+    (run / "metrics.json").write_text("{}")
     with pytest.raises(ConfigError, match="pass --overwrite .* or --resume"):
         prepare_run_dir(run)
-    assert (run / "config.json").exists()
+    assert (run / "metrics.json").exists()
     with pytest.raises(ConfigError, match="exclude each other"):
         prepare_run_dir(run, overwrite=True, resume=True)
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="not a directory"):
         prepare_run_dir(tmp_path / "file", resume=True)
+
+
+def test_a_run_stopped_by_bad_input_before_its_first_step_can_be_rerun(tmp_path):
+    """fit writes config.json, then meets bad input (a broken prior file, a malformed row): the corrected
+    command reuses RUN_DIR without --overwrite, since nothing was computed."""
+    run = prepare_run_dir(tmp_path / "run")
+    (run / "config.json").write_text("{}")
+    assert prepare_run_dir(run) == run
+    (tmp_path / "mine").mkdir()  # but a folder we did not create (no marker) is never taken over
+    (tmp_path / "mine" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="not empty"):
+        prepare_run_dir(tmp_path / "mine")
 
 
 def test_run_dir_resume_keeps_contents(tmp_path):

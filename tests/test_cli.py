@@ -241,3 +241,14 @@ def test_layers_accepts_negative_indices_without_equals_sign():
     assert build_parser().parse_args(argv).layers == "-2,-1"
     assert _join_negative_values(["fit", "--layers", "-1"]) == ["fit", "--layers=-1"]
     assert _join_negative_values(["fit", "--layers", "all"]) == ["fit", "--layers", "all"]
+
+
+def test_after_a_bad_prior_file_the_corrected_command_reuses_run_dir(capsys, tmp_path, data_dir):
+    (tmp_path / "noprior.py").write_text("class NotAPrior:\n    pass\n")
+    run = tmp_path / "run"
+    small = ["--data-dir", str(data_dir), "--train-limit", "8", "--eval-limit", "4", "--steps", "1",
+             "--batch-size", "4", *TINY]
+    line = _fail(capsys, ["fit", "--out", str(run), "--prior", str(tmp_path / "noprior.py"), *small])
+    assert "must define exactly one public Prior" in line
+    assert main(["fit", "--out", str(run), "--prior", "isotropic", *small]) == 0  # no --overwrite needed
+    assert (run / "metrics.json").exists()
