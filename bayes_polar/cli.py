@@ -10,8 +10,8 @@ import warnings
 
 from . import __version__
 
-DEMO = dict(model="smollm2-135m", task="arc_easy", format="options", method="polar-vbll", train_limit=600,
-            steps=150, batch_size=8, layers="-2,-1", max_length=128, threads=2, checkpoint_every=50)
+DEMO = dict(model="smollm2-135m", task="arc_easy", format="options", method="polar-vbll", train_limit=None,
+            steps=300, batch_size=8, layers="-2,-1", max_length=128, threads=2, checkpoint_every=50)
 
 
 def _cmd_tasks(args) -> int:

@@ -252,3 +252,11 @@ def test_after_a_bad_prior_file_the_corrected_command_reuses_run_dir(capsys, tmp
     assert "must define exactly one public Prior" in line
     assert main(["fit", "--out", str(run), "--prior", "isotropic", *small]) == 0  # no --overwrite needed
     assert (run / "metrics.json").exists()
+
+
+def test_demo_preset_is_a_valid_configuration():
+    from bayes_polar.cli import DEMO
+    from bayes_polar.config import FitConfig
+
+    config = FitConfig.from_dict(DEMO)
+    assert config.format == "options" and config.method == "polar-vbll" and config.train_limit is None
