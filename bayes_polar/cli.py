@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import warnings
+from pathlib import Path
 
 from . import __version__
 
@@ -71,7 +72,7 @@ def _cmd_table(args) -> int:
     from .table import Grid, run_grid
 
     run_grid(Grid.load(args.config), args.out, progress=not args.quiet and args.jobs == 1, jobs=args.jobs)
-    print(open(f"{args.out}/table.md").read())
+    print((Path(args.out) / "table.md").read_text())
     return 0
 
 

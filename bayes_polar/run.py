@@ -8,7 +8,6 @@ ensembles keep one such set per member under ``members/<m>/``.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass, replace
@@ -65,8 +64,8 @@ def eval_targets(config: FitConfig) -> list[tuple[str, str]]:
 
 def _split_heldout(task: Task) -> tuple[Task, Task]:
     cut = len(task) - max(1, int(len(task) * HELDOUT_FRACTION))
-    keep = dataclasses.replace(task, examples=task.examples[:cut])
-    return keep, dataclasses.replace(task, examples=task.examples[cut:], split=f"{task.split}-heldout")
+    keep = replace(task, examples=task.examples[:cut])
+    return keep, replace(task, examples=task.examples[cut:], split=f"{task.split}-heldout")
 
 
 def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = None, backbone=None) -> Pipeline:
@@ -202,11 +201,16 @@ def _posthoc(pipe: Pipeline) -> None:
         method.fit_temperature(make_loader(pipe.heldout, pipe.tokenizer, batch_size=config.eval_batch_size))
 
 
+def _member_config(config: FitConfig, m: int) -> FitConfig:
+    """Ensemble member ``m``: a ``lora-mle`` run with seed ``seed + m``."""
+    return replace(config, method="lora-mle", seed=config.seed + m)
+
+
 def _fit_ensemble(config: FitConfig, run_dir: Path, resume: bool, progress: bool, log) -> tuple[Pipeline, dict]:
     """Train M ``lora-mle`` members (seeds seed, seed+1, ...) under ``members/<m>``; finished ones are kept."""
     members, store, info, pipe = [], None, [], None
     for m in range(config.ensemble_size):
-        member_config = dataclasses.replace(config, method="lora-mle", seed=config.seed + m)
+        member_config = _member_config(config, m)
         member_dir = ddp.on_main(prepare_run_dir, run_dir / "members" / str(m), resume=True)
         pipe = build_pipeline(member_config, trunk_store=store)
         if pipe.method.extractor.trunk is not None:
@@ -346,7 +350,7 @@ def load_run(run_dir, data_dir=None) -> Pipeline:
     if config.method == "lora-ensemble":
         members, store, pipe = [], None, None
         for m in range(config.ensemble_size):
-            pipe = build_pipeline(dataclasses.replace(config, method="lora-mle", seed=config.seed + m), data_dir, store)
+            pipe = build_pipeline(_member_config(config, m), data_dir, store)
             store = pipe.method.extractor.trunk.store if pipe.method.extractor.trunk is not None else None
             _load_artifacts(pipe, run_dir / "members" / str(m))
             members.append(pipe.method.state_tensors())

@@ -73,8 +73,6 @@ def run_grid(grid: Grid, out, progress: bool = True, log=print, jobs: int = 1) -
     ``jobs > 1`` runs cells in that many processes (give each ``threads`` cores): the frozen-block
     caches are filled first, one task per process, so no two cells compute the same states.
     """
-    from .run import run_fit
-
     out = Path(out)
     cells = list(grid.cells())
     todo = [(index, task, method, seed, _with_cache_dir(config))
@@ -83,8 +81,7 @@ def run_grid(grid: Grid, out, progress: bool = True, log=print, jobs: int = 1) -
     if jobs <= 1:
         for index, task, method, seed, config in todo:
             log(f"[{index}/{len(cells)}] {task} {method} seed {seed}")
-            directory = cell_dir(out, task, method, seed)
-            run_fit(config, directory, resume=directory.exists(), progress=progress, log=log)
+            _run_cell(config, cell_dir(out, task, method, seed), progress, log)
     elif todo:
         _run_parallel(todo, len(cells), out, jobs, log)
     rows = collect_rows(grid, out)
@@ -136,10 +133,11 @@ def _warm_caches(configs: list[FitConfig]) -> None:
             warm_cache(pipe, encode_eval(pipe, task, split))
 
 
-def _run_cell(config: FitConfig, directory: str) -> None:
+def _run_cell(config: FitConfig, directory, progress: bool = False, log=lambda *_: None) -> None:
+    """One cell: ``run_fit`` into ``directory``, resuming an interrupted one."""
     from .run import run_fit
 
-    run_fit(config, directory, resume=Path(directory).exists(), progress=False, log=lambda *_: None)
+    run_fit(config, directory, resume=Path(directory).exists(), progress=progress, log=log)
 
 
 def collect_rows(grid: Grid, out: Path) -> list[dict]:
