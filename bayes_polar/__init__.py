@@ -1,9 +1,9 @@
 """bayes-polar: calibrated Bayesian fine-tuning of language models (PoLAR adapters + VBLL)."""
-from .backbone import load_backbone, load_tokenizer, tiny_random_llama
+from .data.backbone import load_backbone, load_tokenizer, tiny_random_llama
 from .errors import BayesPolarError, BayesPolarWarning
-from .features import FeatureExtractor, Features
-from .formats import encode_task, make_loader
-from .tasks import Example, Task, load_task, task_names
+from .data.features import FeatureExtractor, Features
+from .data.formats import encode_task, make_loader
+from .data.tasks import Example, Task, load_task, task_names
 
 __version__ = "0.1.0"
 

@@ -16,7 +16,7 @@ DEMO = dict(model="smollm2-135m", task="arc_easy", format="options", method="pol
 
 
 def _cmd_tasks(args) -> int:
-    from .tasks import TASKS, load_task
+    from .data.tasks import TASKS, load_task
 
     for name, spec in TASKS.items():
         counts = []
@@ -40,7 +40,7 @@ def _config(args, base: dict | None = None):
 
 def _fit(config, args) -> None:
     """``run_fit``, in one process or as one of torchrun's (rank 0 alone reports)."""
-    from .distributed import session
+    from .training.distributed import session
     from .run import run_fit
 
     with session() as ctx:
@@ -69,7 +69,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_table(args) -> int:
-    from .table import Grid, run_grid
+    from .evaluation.table import Grid, run_grid
 
     run_grid(Grid.load(args.config), args.out, progress=not args.quiet and args.jobs == 1, jobs=args.jobs)
     print((Path(args.out) / "table.md").read_text())
@@ -77,7 +77,7 @@ def _cmd_table(args) -> int:
 
 
 def _cmd_posterior_check(args) -> int:
-    from .posterior_check import posterior_check
+    from .evaluation.posterior_check import posterior_check
 
     posterior_check(args.run_dir, task=args.task, split=args.split, limit=args.limit, eval_split=args.eval_split,
                     eval_limit=args.eval_limit, dims=args.dims, num_samples=args.num_samples, warmup=args.warmup,

@@ -11,7 +11,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import ConfigError
-from .formats import FORMATS
+from .data.formats import FORMATS
 
 METHODS = ("polar-vbll", "polar-vbll-la", "polar-mle", "lora-vbll", "lora-mle", "lora-map", "lora-mcdropout",
            "lora-ensemble", "lora-laplace", "temperature-scaling")
@@ -131,7 +131,7 @@ class FitConfig:
 
     def _check_tasks(self) -> None:
         """Task names exist; a letters-format head is only evaluated on tasks with its answer words."""
-        from .tasks import task_spec
+        from .data.tasks import task_spec
 
         train = task_spec(self.task)
         for item in self.eval_tasks.split(","):
@@ -177,7 +177,7 @@ class FitConfig:
         return asdict(self)
 
     def save(self, path) -> None:
-        from .checkpoint import atomic_write_json
+        from .training.checkpoint import atomic_write_json
 
         atomic_write_json(path, self.to_dict())
 

@@ -16,22 +16,22 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed as ddp
+from .training import distributed as ddp
 from .adapters import adapter_diagnostics, load_adapters, save_adapters
-from .backbone import load_backbone
-from .checkpoint import atomic_write_json, latest_checkpoint, load_checkpoint, prepare_run_dir
+from .data.backbone import load_backbone
+from .training.checkpoint import atomic_write_json, latest_checkpoint, load_checkpoint, prepare_run_dir
 from .config import FitConfig
 from .errors import ConfigError
-from .evaluation import classification_metrics, plot_elbo_trace, reliability_diagram
-from .faults import TrainingGuard
-from .features import FeatureExtractor, Features, answer_head_rows, extract_features
-from .formats import EncodedTask, encode_task, make_loader
-from .heads import zero_shot_weights
-from .methods import Ensemble, Method, attach_adapters, build_method, first_adapted_block, is_variational
-from .prefix_cache import CachedTrunk, model_fingerprint
-from .registry import load_prior
-from .tasks import Task, load_task, task_spec
-from .train import epoch_loader, fit, restore_training_state, training_state, warm_prefix_cache
+from .evaluation.metrics import classification_metrics, plot_elbo_trace, reliability_diagram
+from .training.faults import TrainingGuard
+from .data.features import FeatureExtractor, Features, answer_head_rows, extract_features
+from .data.formats import EncodedTask, encode_task, make_loader
+from .training.trainable_heads import zero_shot_weights
+from .training.methods import Ensemble, Method, attach_adapters, build_method, first_adapted_block, is_variational
+from .data.prefix_cache import CachedTrunk, model_fingerprint
+from .bll.registry import load_prior
+from .data.tasks import Task, load_task, task_spec
+from .training.loop import epoch_loader, fit, restore_training_state, training_state, warm_prefix_cache
 
 HELDOUT_FRACTION = 0.1  # temperature scaling fits T on this slice of the training split
 
@@ -52,10 +52,10 @@ def default_split(task: str) -> str:
     return "validation" if "validation" in files else "test"
 
 
-def eval_targets(config: FitConfig) -> list[tuple[str, str]]:
-    """``task[:split]`` entries of ``eval_tasks``; default: the training task's validation split."""
+def eval_targets(eval_tasks: str | None, task: str) -> list[tuple[str, str]]:
+    """``task[:split]`` entries of ``eval_tasks``; default: the training ``task``'s validation split."""
     targets = []
-    for item in (config.eval_tasks or config.task).split(","):
+    for item in (eval_tasks or task).split(","):
         name, _, split = item.strip().partition(":")
         if name:
             targets.append((name, split or default_split(name)))
@@ -88,7 +88,7 @@ def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = 
     train = encode_task(train_task, tokenizer, config.format, config.max_length)
     torch.manual_seed(config.seed)
     attach_adapters(model, config)
-    start = first_adapted_block(model, config)
+    start = first_adapted_block(model, config.layer_indices)
     trunk = None
     if config.prefix_cache and start >= 1:
         trunk = CachedTrunk(model, start, getattr(torch, config.cache_dtype))
@@ -234,7 +234,7 @@ def run_fit(config: FitConfig, out, overwrite: bool = False, resume: bool = Fals
             log=print) -> dict:
     """Train ``config`` into RUN_DIR ``out`` (resuming from its latest checkpoint if asked).
 
-    Under torchrun (:mod:`bayes_polar.distributed`) every process trains; rank 0 writes RUN_DIR and
+    Under torchrun (:mod:`bayes_polar.training.distributed`) every process trains; rank 0 writes RUN_DIR and
     evaluates, and the other ranks return ``{}`` after training.
     """
     run_dir = ddp.on_main(_prepare_run, out, config, overwrite, resume)
@@ -250,7 +250,7 @@ def run_fit(config: FitConfig, out, overwrite: bool = False, resume: bool = Fals
     metrics = {"method": config.method, "task": config.task, "format": config.format, "train": info,
                trace_name: trace, "adapters": adapter_diagnostics(pipe.model), "evaluations": {},
                **pipe.method.extras}
-    evaluate_into(pipe, run_dir, metrics, eval_targets(config), progress=progress)
+    evaluate_into(pipe, run_dir, metrics, eval_targets(config.eval_tasks, config.task), progress=progress)
     plot_elbo_trace(trace, run_dir / "elbo.png", ylabel="ELBO per example" if trace_name == "elbo_trace" else "NLL")
     atomic_write_json(run_dir / "metrics.json", metrics)
     log(summary_table(metrics))

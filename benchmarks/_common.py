@@ -68,7 +68,7 @@ def setup(args) -> None:
 
 def load_model(args):
     """``(model, tokenizer)``: the frozen backbone of ``--model`` on ``--device`` in ``--dtype``."""
-    from bayes_polar.backbone import load_backbone, load_tokenizer
+    from bayes_polar.data.backbone import load_backbone, load_tokenizer
 
     dtype = getattr(torch, args.dtype)
     if args.model == "random-llama-1b":
@@ -112,7 +112,7 @@ def pipeline(args, backbone=None, **overrides):
 
 def batches(encoded, tokenizer, batch_size: int, count: int, seed: int = 0) -> list:
     """The first ``count`` minibatches of one seeded epoch (the same for every side)."""
-    from bayes_polar.train import epoch_loader
+    from bayes_polar.training.loop import epoch_loader
 
     loader = epoch_loader(encoded, tokenizer, batch_size, seed)
     out = []

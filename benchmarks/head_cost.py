@@ -24,7 +24,7 @@ GUIDES = ("full", "lowrank", "diagonal")
 
 def weights(guide: str, classes: int, dim: int, rank: int, device) -> tuple[list, callable]:
     """Leaf parameters and a function building the GaussianWeights from them (as a guide does)."""
-    from bayes_polar.posterior import GaussianWeights
+    from bayes_polar.bll.posterior import GaussianWeights
 
     g = torch.Generator().manual_seed(0)
     loc = (torch.randn(classes, dim, generator=g) * 0.01).to(device).requires_grad_()
@@ -40,8 +40,8 @@ def weights(guide: str, classes: int, dim: int, rank: int, device) -> tuple[list
 
 
 def sides_for(args, classes: int, dim: int) -> dict:
-    from bayes_polar.elbo import jensen_expected_loglik
-    from bayes_polar.posterior import kl_to_normal
+    from bayes_polar.bll.elbo import jensen_expected_loglik
+    from bayes_polar.bll.posterior import kl_to_normal
 
     g = torch.Generator().manual_seed(1)
     phi = torch.randn(args.batch, classes, dim, generator=g).to(args.device)

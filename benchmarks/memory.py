@@ -30,7 +30,7 @@ def _rss_mb() -> float:
 
 
 def worker(args) -> None:
-    from bayes_polar.train import warm_prefix_cache
+    from bayes_polar.training.loop import warm_prefix_cache
 
     backbone = bench.load_model(args)
     backbone_rss = _rss_mb()

@@ -37,7 +37,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     bench.setup(args)
     load = bench.load_now()
-    from bayes_polar.formats import make_loader
+    from bayes_polar.data.formats import make_loader
     from bayes_polar.run import encode_eval
 
     common = dict(train_limit=16, prefix_cache=False)

@@ -33,11 +33,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     bench.setup(args)
     load = bench.load_now()
-    from bayes_polar.features import FullTrunk
-    from bayes_polar.formats import make_loader
-    from bayes_polar.methods import first_adapted_block
-    from bayes_polar.prefix_cache import CachedTrunk
-    from bayes_polar.train import warm_prefix_cache
+    from bayes_polar.data.features import FullTrunk
+    from bayes_polar.data.formats import make_loader
+    from bayes_polar.training.methods import first_adapted_block
+    from bayes_polar.data.prefix_cache import CachedTrunk
+    from bayes_polar.training.loop import warm_prefix_cache
 
     limit = max(args.batches * args.batch_size, args.fill_questions)
     pipe = bench.pipeline(args, method="polar-vbll", train_limit=limit)
@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     step = bench.interleaved(args, {name: train_step(name) for name in trunks}, args.repeats)
     extractor.trunk = trunks["cached"]
 
-    start = first_adapted_block(pipe.model, pipe.config)
+    start = first_adapted_block(pipe.model, pipe.config.layer_indices)
     questions = pipe.train.items[: args.fill_questions]
     loader = make_loader(pipe.train, pipe.tokenizer, batch_size=16)
     loader = [b for b, _ in zip(loader, range((len(questions) + 15) // 16))]

@@ -89,7 +89,7 @@ def adapt(model, method: str, args) -> None:
 def run_method(method: str, args, encoded) -> dict:
     from bayes_polar import FeatureExtractor, load_backbone, make_loader
     from bayes_polar.adapters import adapter_diagnostics, make_adapter_optimizer
-    from bayes_polar.features import answer_head_rows
+    from bayes_polar.data.features import answer_head_rows
 
     model, tokenizer = load_backbone(args.backbone)
     head_rows = answer_head_rows(model, encoded.answer_ids) if args.format == "letters" else None  # (C, d)

@@ -22,7 +22,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     bench.setup(args)
     load = bench.load_now()
-    from bayes_polar.train import warm_prefix_cache
+    from bayes_polar.training.loop import warm_prefix_cache
 
     limit = args.batches * args.batch_size
     pipes = {name: bench.pipeline(args, method=name, train_limit=limit, batch_size=args.batch_size)

@@ -2,7 +2,7 @@
 
 A guide file exports a *builder*, ``callable(model) -> guide`` (a class or a ``partial``).
 ``GUIDES`` maps the names the CLI accepts to builders; a user's own file works too:
-``bayes_polar.registry.load_guide("path/to/my_guide.py")``.
+``bayes_polar.bll.registry.load_guide("path/to/my_guide.py")``.
 """
 from functools import partial
 
@@ -13,7 +13,7 @@ from pyro.infer.autoguide import (
     AutoNormal,
 )
 
-from bayes_polar.weight_guide import DEFAULT_INIT_SCALE, WeightGuide
+from bayes_polar.bll.guide import DEFAULT_INIT_SCALE, WeightGuide
 
 from .diagonal import DiagonalGuide
 from .full_covariance import FullCovarianceGuide

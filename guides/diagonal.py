@@ -3,8 +3,8 @@ import torch
 from pyro.nn import PyroParam
 from pyro.distributions import constraints
 
-from bayes_polar.posterior import GaussianWeights
-from bayes_polar.weight_guide import WeightGuide
+from bayes_polar.bll.posterior import GaussianWeights
+from bayes_polar.bll.guide import WeightGuide
 
 
 class DiagonalGuide(WeightGuide):

@@ -4,8 +4,8 @@ from pyro.nn import PyroParam
 from pyro.distributions import constraints
 
 from bayes_polar.errors import ConfigError
-from bayes_polar.posterior import GaussianWeights
-from bayes_polar.weight_guide import WeightGuide
+from bayes_polar.bll.posterior import GaussianWeights
+from bayes_polar.bll.guide import WeightGuide
 
 
 class LowRankGuide(WeightGuide):

@@ -1,11 +1,11 @@
-"""Priors over the last-layer weights, one per file (see ``bayes_polar.head.Prior``).
+"""Priors over the last-layer weights, one per file (see ``bayes_polar.bll.model.Prior``).
 
 ``PRIORS`` maps the names the CLI accepts to builders; a user's own file works too:
-``bayes_polar.registry.load_prior("path/to/my_prior.py")``.
+``bayes_polar.bll.registry.load_prior("path/to/my_prior.py")``.
 """
 from functools import partial
 
-from bayes_polar.head import FnPrior, Prior
+from bayes_polar.bll.model import FnPrior, Prior
 
 from .ard import ARDPrior
 from .isotropic import IsotropicPrior

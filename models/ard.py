@@ -4,7 +4,7 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 
-from bayes_polar.head import Prior
+from bayes_polar.bll.model import Prior
 
 
 class ARDPrior(Prior):

@@ -2,7 +2,7 @@
 import pyro.distributions as dist
 import torch
 
-from bayes_polar.head import Prior
+from bayes_polar.bll.model import Prior
 
 
 class StudentTPrior(Prior):

@@ -44,7 +44,7 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from bayes_polar.backbone import load_tokenizer
+    from bayes_polar.data.backbone import load_tokenizer
 
     return load_tokenizer()
 
@@ -52,7 +52,7 @@ def tokenizer():
 @pytest.fixture
 def tiny_llama():
     """``(model, tokenizer)``: a fresh 2-block random Llama (hidden 32) built from a config."""
-    from bayes_polar.backbone import tiny_random_llama
+    from bayes_polar.data.backbone import tiny_random_llama
 
     return tiny_random_llama()
 
@@ -60,6 +60,6 @@ def tiny_llama():
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct backbone (session-wide: treat as read-only)."""
-    from bayes_polar.backbone import load_backbone
+    from bayes_polar.data.backbone import load_backbone
 
     return load_backbone("smollm2-135m")

@@ -1,4 +1,4 @@
-"""The collectives of bayes_polar.distributed on 2 gloo processes; run by tests/test_distributed.py::
+"""The collectives of bayes_polar.training.distributed on 2 gloo processes; run by tests/test_distributed.py::
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_collectives.py
 
@@ -6,7 +6,7 @@ Each rank asserts and prints ``rank R ok``; any failure exits non-zero.
 """
 import torch
 
-from bayes_polar import distributed as ddp
+from bayes_polar.training import distributed as ddp
 from bayes_polar.errors import ConfigError
 
 torch.set_num_threads(1)

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from bayes_polar import hub
-from bayes_polar.backbone import cache_dir, load_backbone, tiny_random_llama
+from bayes_polar.data import hub
+from bayes_polar.data.backbone import cache_dir, load_backbone, tiny_random_llama
 from bayes_polar.errors import OfflineError
 
 
@@ -64,9 +64,9 @@ def test_smollm2_loads_offline_and_knows_paris(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_prefers_the_right_option_of_an_easy_question(smollm2):
-    from bayes_polar.features import FeatureExtractor
-    from bayes_polar.formats import encode_task, make_loader
-    from bayes_polar.tasks import Example, Task
+    from bayes_polar.data.features import FeatureExtractor
+    from bayes_polar.data.formats import encode_task, make_loader
+    from bayes_polar.data.tasks import Example, Task
 
     model, tokenizer = smollm2
     easy = Example("What color is the sky on a clear day?", ("green", "blue", "purple", "black"), 1, "sky")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from bayes_polar import checkpoint as ck
-from bayes_polar.checkpoint import (
+from bayes_polar.training import checkpoint as ck
+from bayes_polar.training.checkpoint import (
     atomic_write_json,
     atomic_write_text,
     latest_checkpoint,

@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 
-from bayes_polar import hub
+from bayes_polar.data import hub
 from bayes_polar.cli import main
 
 GOOD = {"id": "x", "question": "q?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "A"}
@@ -93,7 +93,7 @@ def test_unknown_key_in_a_config_file(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("kind,source,expected", [
-    ("prior", "x = 1\n", r"must define exactly one public Prior: a subclass of bayes_polar.head.Prior whose name "
+    ("prior", "x = 1\n", r"must define exactly one public Prior: a subclass of bayes_polar.bll.model.Prior whose name "
                          r"ends in 'Prior'; found none"),
     ("prior", "import torch\nraise ValueError('no')\n", r"my_file.py:line 2 fails to import: ValueError: no"),
     ("guide", "def NormalGuide(model:\n", r"my_file.py:line 1 fails to import: SyntaxError"),

@@ -1,4 +1,4 @@
-"""bayes_polar.distributed: a no-op in one process; its collectives on 2 gloo processes (torchrun)."""
+"""bayes_polar.training.distributed: a no-op in one process; its collectives on 2 gloo processes (torchrun)."""
 import os
 import re
 import subprocess
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bayes_polar import distributed as ddp
-from bayes_polar.checkpoint import load_checkpoint
+from bayes_polar.training import distributed as ddp
+from bayes_polar.training.checkpoint import load_checkpoint
 from bayes_polar.errors import ConfigError
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

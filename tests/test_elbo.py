@@ -5,12 +5,12 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 
-from bayes_polar.elbo import JensenELBO, jensen_expected_loglik, make_elbo
+from bayes_polar.bll.elbo import JensenELBO, jensen_expected_loglik, make_elbo
 from bayes_polar.errors import ConfigError
-from bayes_polar.head import BayesianLastLayer
+from bayes_polar.bll.model import BayesianLastLayer
 from bayes_polar.models import IsotropicPrior, StudentTPrior
-from bayes_polar.posterior import GaussianWeights, kl_to_normal, weight_posterior
-from bayes_polar.registry import make_guide
+from bayes_polar.bll.posterior import GaussianWeights, kl_to_normal, weight_posterior
+from bayes_polar.bll.registry import make_guide
 
 
 def _random_case(seed, K, C, D=5, B=6, spread=1.0):

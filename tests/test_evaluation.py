@@ -12,7 +12,7 @@ from hypothesis.extra.numpy import arrays
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from bayes_polar.errors import NumericalError, ShapeMismatchError
-from bayes_polar.evaluation import (
+from bayes_polar.evaluation.metrics import (
     accuracy,
     brier_score,
     calibration_bins,

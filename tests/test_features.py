@@ -2,9 +2,9 @@
 import torch
 import torch.nn.functional as F
 
-from bayes_polar.features import FeatureExtractor, answer_head_rows, extract_features, position_ids_from_mask
-from bayes_polar.formats import encode_task, make_loader
-from bayes_polar.tasks import Example, Task
+from bayes_polar.data.features import FeatureExtractor, answer_head_rows, extract_features, position_ids_from_mask
+from bayes_polar.data.formats import encode_task, make_loader
+from bayes_polar.data.tasks import Example, Task
 
 EXAMPLES = [
     Example("Which gas do plants absorb from the air?", ("oxygen", "carbon dioxide", "nitrogen"), 1, "a"),

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from bayes_polar.errors import ConfigError, DataFormatError
-from bayes_polar.formats import (
+from bayes_polar.data.formats import (
     Collator,
     answer_token_ids,
     encode_task,
@@ -11,7 +11,7 @@ from bayes_polar.formats import (
     make_loader,
     option_texts,
 )
-from bayes_polar.tasks import Example, Task, load_task
+from bayes_polar.data.tasks import Example, Task, load_task
 
 FEVER = Example(
     question="Which factor will most likely cause a person to develop a fever?",

@@ -3,8 +3,8 @@ import pyro
 import pytest
 import torch
 
-from bayes_polar.features import Features
-from bayes_polar.heads import PointHead, VariationalHead, zero_shot_weights
+from bayes_polar.data.features import Features
+from bayes_polar.training.trainable_heads import PointHead, VariationalHead, zero_shot_weights
 from bayes_polar.models import IsotropicPrior, WidthScaledPrior
 
 

@@ -7,16 +7,16 @@ import pytest
 import torch
 from pyro.infer import SVI
 
-from bayes_polar.elbo import make_elbo
+from bayes_polar.bll.elbo import make_elbo
 from bayes_polar.errors import ConfigError, ShapeMismatchError
 from bayes_polar.guides import GUIDES
-from bayes_polar.head import BayesianLastLayer
-from bayes_polar.heads import VariationalHead
-from bayes_polar.inspection import (draw_logits, feature_names, from_weight_draws, load_inference_data,
+from bayes_polar.bll.model import BayesianLastLayer
+from bayes_polar.training.trainable_heads import VariationalHead
+from bayes_polar.evaluation.inspection import (draw_logits, feature_names, from_weight_draws, load_inference_data,
                                     plot_forest, save_inference_data, summary, to_inference_data)
 from bayes_polar.models import ARDPrior, IsotropicPrior
-from bayes_polar.posterior import weight_posterior
-from bayes_polar.registry import make_guide
+from bayes_polar.bll.posterior import weight_posterior
+from bayes_polar.bll.registry import make_guide
 
 B, C, D, S = 40, 4, 6, 200
 
@@ -135,7 +135,7 @@ def test_hyperparameters_join_the_posterior_without_auxiliary_sites():
 def test_variational_head_and_gaussian_weights_sources():
     phi, mask, y = problem()
     head = VariationalHead(D, 1, IsotropicPrior(1.0), "diagonal", dataset_size=B)
-    from bayes_polar.features import Features
+    from bayes_polar.data.features import Features
 
     features = Features(phi, mask)
     head.setup(features, y)
@@ -179,7 +179,7 @@ def test_errors_say_what_to_do():
 
 
 def test_draw_logits_matches_head_logits():
-    from bayes_polar.head import head_logits
+    from bayes_polar.bll.model import head_logits
 
     phi, mask, _ = problem()
     weights = torch.randn(7, 1, D)

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from bayes_polar.head import head_logits
-from bayes_polar.laplace import fit_laplace, ggn_blocks, laplace_evidence
+from bayes_polar.bll.model import head_logits
+from bayes_polar.bll.laplace import fit_laplace, ggn_blocks, laplace_evidence
 
 
 def _problem(rows, classes, n=40, features=4, seed=0):

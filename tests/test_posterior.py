@@ -4,7 +4,7 @@ import torch
 from torch.distributions import MultivariateNormal, kl_divergence
 
 from bayes_polar.errors import ShapeMismatchError
-from bayes_polar.posterior import GaussianWeights, check_head_shapes, kl_to_normal
+from bayes_polar.bll.posterior import GaussianWeights, check_head_shapes, kl_to_normal
 
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from bayes_polar.errors import ConfigError
-from bayes_polar.head import FnPrior, head_logits
+from bayes_polar.bll.model import FnPrior, head_logits
 from bayes_polar.models import IsotropicPrior, StudentTPrior, WidthScaledPrior
-from bayes_polar.posterior_check import (ProjectedGaussianPrior, compare_vi_nuts, feature_projection,
+from bayes_polar.evaluation.posterior_check import (ProjectedGaussianPrior, compare_vi_nuts, feature_projection,
                                          format_report, projected_prior)
 
 
@@ -109,7 +109,7 @@ def test_letters_features_need_a_mask():
 def test_posterior_check_and_inference_data_of_a_tiny_run(tmp_path, data_dir, capsys):
     from bayes_polar.cli import main
     from bayes_polar.config import FitConfig
-    from bayes_polar.inspection import load_inference_data, to_inference_data
+    from bayes_polar.evaluation.inspection import load_inference_data, to_inference_data
     from bayes_polar.run import run_fit
 
     run = tmp_path / "run"
@@ -145,8 +145,8 @@ def test_posterior_check_and_inference_data_of_a_tiny_run(tmp_path, data_dir, ca
 @pytest.mark.integration
 def test_point_estimate_runs_have_no_posterior(tmp_path, data_dir):
     from bayes_polar.config import FitConfig
-    from bayes_polar.inspection import to_inference_data
-    from bayes_polar.posterior_check import posterior_check
+    from bayes_polar.evaluation.inspection import to_inference_data
+    from bayes_polar.evaluation.posterior_check import posterior_check
     from bayes_polar.run import build_pipeline
 
     pipe = build_pipeline(FitConfig(model="tiny-random-llama", method="lora-mle", data_dir=str(data_dir),

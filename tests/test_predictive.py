@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from bayes_polar.elbo import jensen_expected_loglik
-from bayes_polar.head import head_logits
-from bayes_polar.posterior import GaussianWeights
-from bayes_polar.predictive import mean_proba, predictive_proba
+from bayes_polar.bll.elbo import jensen_expected_loglik
+from bayes_polar.bll.model import head_logits
+from bayes_polar.bll.posterior import GaussianWeights
+from bayes_polar.bll.predictive import mean_proba, predictive_proba
 
 PROPERTY = settings(max_examples=60, deadline=None)
 

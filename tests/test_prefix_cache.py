@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from bayes_polar.adapters import inject_polar
-from bayes_polar.backbone import tiny_random_llama
-from bayes_polar.features import FeatureExtractor, FullTrunk
-from bayes_polar.formats import encode_task, make_loader
-from bayes_polar.prefix_cache import CachedTrunk, common_prefix_length, model_fingerprint
-from bayes_polar.tasks import Example, Task
+from bayes_polar.data.backbone import tiny_random_llama
+from bayes_polar.data.features import FeatureExtractor, FullTrunk
+from bayes_polar.data.formats import encode_task, make_loader
+from bayes_polar.data.prefix_cache import CachedTrunk, common_prefix_length, model_fingerprint
+from bayes_polar.data.tasks import Example, Task
 
 EXAMPLES = [
     Example("Which gas do plants absorb from the air?", ("oxygen", "carbon dioxide", "nitrogen"), 1, "a"),

@@ -37,9 +37,9 @@ def test_add_a_prior_and_a_guide_recipe(tmp_path):
     check = usage + '''
 import torch, pyro
 from pyro.infer import SVI
-from bayes_polar.head import BayesianLastLayer
-from bayes_polar.registry import make_guide
-from bayes_polar.elbo import make_elbo
+from bayes_polar.bll.model import BayesianLastLayer
+from bayes_polar.bll.registry import make_guide
+from bayes_polar.bll.elbo import make_elbo
 head = BayesianLastLayer(5, 1, prior)
 guide = make_guide(guide_builder, head)
 svi = SVI(head, guide, pyro.optim.Adam({"lr": 0.01}), make_elbo("mc", num_particles=4))

@@ -2,8 +2,8 @@
 import pytest
 
 from bayes_polar.errors import BayesPolarError, ConfigError, MissingFileError, UserModuleError
-from bayes_polar.head import BayesianLastLayer
-from bayes_polar.registry import load_guide, load_prior, make_guide
+from bayes_polar.bll.model import BayesianLastLayer
+from bayes_polar.bll.registry import load_guide, load_prior, make_guide
 
 
 @pytest.mark.parametrize("source,match", [
@@ -22,7 +22,7 @@ def test_a_file_that_fails_to_import_is_named_with_its_line(tmp_path, source, ma
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("load,what", [(load_prior, "Prior: a subclass of bayes_polar.head.Prior"),
+@pytest.mark.parametrize("load,what", [(load_prior, "Prior: a subclass of bayes_polar.bll.model.Prior"),
                                        (load_guide, "Guide: a class or function model -> guide")])
 def test_a_file_without_what_is_required(tmp_path, load, what):
     path = tmp_path / "empty.py"

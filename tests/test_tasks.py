@@ -4,7 +4,7 @@ import json
 import pytest
 
 from bayes_polar.errors import DataFormatError, UnknownTaskError
-from bayes_polar.tasks import load_task, task_names
+from bayes_polar.data.tasks import load_task, task_names
 
 COUNTS = {
     ("arc_challenge", "train"): 1119,

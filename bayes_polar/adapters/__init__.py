@@ -1,4 +1,4 @@
-"""PoLAR adapters (X Θ Yᵀ on Stiefel factors) and the peft LoRA baseline for causal LMs.
+"""Stage 2, adapters: PoLAR (X Θ Yᵀ on Stiefel factors) and the peft LoRA baseline for causal LMs.
 
 Usage::
 

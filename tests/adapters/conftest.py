@@ -9,7 +9,7 @@ import torch
 
 @pytest.fixture(scope="session")
 def _tiny_llama_template():
-    from bayes_polar.backbone import tiny_random_llama
+    from bayes_polar.data.backbone import tiny_random_llama
 
     return tiny_random_llama()
 

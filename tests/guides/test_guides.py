@@ -5,14 +5,14 @@ import pytest
 import torch
 from pyro.infer import MCMC, NUTS, SVI
 
-from bayes_polar.elbo import make_elbo
+from bayes_polar.bll.elbo import make_elbo
 from bayes_polar.errors import ConfigError
 from bayes_polar.guides import GUIDES, DiagonalGuide, FullCovarianceGuide, LowRankGuide
-from bayes_polar.head import BayesianLastLayer, head_logits
+from bayes_polar.bll.model import BayesianLastLayer, head_logits
 from bayes_polar.models import ARDPrior, IsotropicPrior
-from bayes_polar.posterior import weight_posterior
-from bayes_polar.predictive import mean_proba, predictive_proba, pyro_predictive_proba
-from bayes_polar.registry import load_guide, make_guide
+from bayes_polar.bll.posterior import weight_posterior
+from bayes_polar.bll.predictive import mean_proba, predictive_proba, pyro_predictive_proba
+from bayes_polar.bll.registry import load_guide, make_guide
 
 
 def synthetic(num_rows, num_classes, features=5, n=300, seed=0, scale=3.0):

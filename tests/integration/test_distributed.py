@@ -21,9 +21,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bayes_polar.checkpoint import load_checkpoint
+from bayes_polar.training.checkpoint import load_checkpoint
 from bayes_polar.run import build_pipeline
-from bayes_polar.train import epoch_loader, fit, warm_prefix_cache
+from bayes_polar.training.loop import epoch_loader, fit, warm_prefix_cache
 
 from .test_fit import tiny_config
 

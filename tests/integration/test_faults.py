@@ -8,13 +8,13 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from bayes_polar.adapters import orthogonality_error, polar_layers
-from bayes_polar.checkpoint import latest_checkpoint, load_checkpoint
+from bayes_polar.training.checkpoint import latest_checkpoint, load_checkpoint
 from bayes_polar.errors import NumericalError
-from bayes_polar.faults import TrainingGuard
-from bayes_polar.features import FeatureExtractor
+from bayes_polar.training.faults import TrainingGuard
+from bayes_polar.data.features import FeatureExtractor
 from bayes_polar.run import build_pipeline, run_fit
-from bayes_polar.steps import AdapterStep
-from bayes_polar.train import epoch_loader, warm_prefix_cache
+from bayes_polar.training.steps import AdapterStep
+from bayes_polar.training.loop import epoch_loader, warm_prefix_cache
 
 from .test_fit import tiny_config
 

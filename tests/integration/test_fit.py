@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from bayes_polar.checkpoint import load_checkpoint, save_checkpoint
+from bayes_polar.training.checkpoint import load_checkpoint, save_checkpoint
 from bayes_polar.config import FitConfig
 from bayes_polar.run import build_pipeline, evaluate_run, load_run, predict, run_fit, encode_eval
-from bayes_polar.train import epoch_loader, fit, restore_training_state, training_state, warm_prefix_cache
+from bayes_polar.training.loop import epoch_loader, fit, restore_training_state, training_state, warm_prefix_cache
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +45,7 @@ def test_fit_then_evaluate_round_trip(tmp_path, data_dir):
     reloaded = load_run(run)  # the saved adapters and head give the same point predictions
     encoded = encode_eval(reloaded, "arc_easy", "validation")
     point = predict(reloaded, encoded, 16)["point"]
-    from bayes_polar.evaluation import classification_metrics
+    from bayes_polar.evaluation.metrics import classification_metrics
     assert classification_metrics(point, torch.tensor([e.label for e in encoded.task.examples]))["nll"] == \
         pytest.approx(result["point"]["nll"], abs=1e-5)
 

@@ -25,7 +25,7 @@ PAUSE = '''
 import os, sys, time
 from pathlib import Path
 
-import bayes_polar.checkpoint as ck
+import bayes_polar.training.checkpoint as ck
 from bayes_polar.cli import main
 
 flag, where = Path(os.environ["KILL_FLAG"]), os.environ["KILL_AT"]

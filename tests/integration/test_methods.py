@@ -32,7 +32,7 @@ def test_method_fits_evaluates_and_reloads(tmp_path, data_dir, method):
     encoded = encode_eval(pipe, "arc_easy", "validation")
     torch.manual_seed(0)
     point = predict(pipe, encoded, 16)["point"]
-    from bayes_polar.evaluation import classification_metrics
+    from bayes_polar.evaluation.metrics import classification_metrics
     labels = torch.tensor([e.label for e in encoded.task.examples])
     if method != "lora-mcdropout":
         assert classification_metrics(point, labels)["nll"] == pytest.approx(result["point"]["nll"], abs=1e-4)

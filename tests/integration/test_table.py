@@ -5,7 +5,7 @@ import json
 import pytest
 
 from bayes_polar.errors import ConfigError
-from bayes_polar.table import Grid, run_grid
+from bayes_polar.evaluation.table import Grid, run_grid
 
 pytestmark = pytest.mark.integration
 

@@ -8,9 +8,9 @@ import torch
 from pyro import poutine
 
 from bayes_polar.errors import ConfigError, ShapeMismatchError
-from bayes_polar.head import BayesianLastLayer, FnPrior, Prior
+from bayes_polar.bll.model import BayesianLastLayer, FnPrior, Prior
 from bayes_polar.models import PRIORS, ARDPrior, IsotropicPrior, LMHeadPrior, StudentTPrior, WidthScaledPrior
-from bayes_polar.registry import load_prior
+from bayes_polar.bll.registry import load_prior
 
 ROWS, FEATURES = 3, 7
 GAUSSIAN = {"isotropic", "width_scaled", "ard_empirical", "lm_head"}
@@ -102,7 +102,7 @@ USER_PRIOR = '''
 import pyro.distributions as dist
 import torch
 
-from bayes_polar.head import Prior
+from bayes_polar.bll.model import Prior
 
 
 class LaplacePrior(Prior):

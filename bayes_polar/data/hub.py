@@ -12,7 +12,7 @@ import os
 import socket
 from urllib.parse import urlparse
 
-from .errors import OfflineError
+from ..errors import OfflineError
 
 
 @functools.lru_cache(maxsize=None)

@@ -25,7 +25,7 @@ import torch
 from pyro import poutine
 from pyro.nn import PyroModule
 
-from .errors import ConfigError, NumericalError, ShapeMismatchError
+from ..errors import ConfigError, NumericalError, ShapeMismatchError
 from .posterior import LIKELIHOOD_SITE, WEIGHT_SITE, check_head_shapes
 
 
@@ -129,11 +129,11 @@ class BayesianLastLayer(PyroModule):
         if in_features <= 0 or num_rows <= 0:
             raise ConfigError(f"Expected in_features > 0 and num_rows > 0 but got {in_features}, {num_rows}")
         if prior is None:
-            from .models import IsotropicPrior
+            from ..models import IsotropicPrior
 
             prior = IsotropicPrior()
         if not isinstance(prior, Prior):
-            raise ConfigError(f"prior must be a bayes_polar.head.Prior, got {type(prior).__name__}")
+            raise ConfigError(f"prior must be a bayes_polar.bll.model.Prior, got {type(prior).__name__}")
         self.in_features, self.num_rows, self.prior = in_features, num_rows, prior
 
     def forward(self, phi, mask=None, y=None, dataset_size=None, kl_scale=1.0):

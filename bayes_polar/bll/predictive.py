@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from pyro.infer import Predictive
 
-from .head import head_logits
+from .model import head_logits
 from .posterior import WEIGHT_SITE, GaussianWeights
 
 DEFAULT_NUM_SAMPLES = 256

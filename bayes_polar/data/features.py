@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import NumericalError
+from ..errors import NumericalError
 from .formats import Batch, check_format
 
 
@@ -71,7 +71,7 @@ def check_finite_features(features: Features, batch: Batch) -> Features:
 
 
 class FeatureExtractor:
-    """Turns a :class:`~bayes_polar.formats.Batch` into :class:`Features` for one answer format.
+    """Turns a :class:`~bayes_polar.data.formats.Batch` into :class:`Features` for one answer format.
 
     Parameters
     ----------

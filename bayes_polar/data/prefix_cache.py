@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import DynamicCache
 
-from .adapters.inject import find_blocks
+from ..adapters.inject import find_blocks
 from .features import model_device, position_ids_from_mask
 from .formats import Batch
 

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from .checkpoint import rng_state, set_rng_state
-from .formats import make_loader
+from ..data.formats import make_loader
 
 
 def epoch_loader(encoded, tokenizer, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0):
@@ -74,7 +74,7 @@ def _decode_keys(obj):
 
 
 def training_state(method, step: int, trace: list[float]) -> tuple[dict, dict]:
-    """``(tensors, state)`` for :func:`~bayes_polar.checkpoint.save_checkpoint`."""
+    """``(tensors, state)`` for :func:`~bayes_polar.training.checkpoint.save_checkpoint`."""
     state = {"step": step, "trace": list(trace), "rng": rng_state(),
              "optimizers": _encode_keys(method.optimizer_state())}
     return method.state_tensors(), state

@@ -3,7 +3,7 @@
 A subclass implements two methods, in the spirit of Pyro's ``AutoContinuous``
 (``get_posterior`` / ``_loc_scale``): :meth:`WeightGuide._setup_params`, which creates its
 ``PyroParam`` s from the initial weights, and :meth:`WeightGuide.weight_posterior`, which
-returns q(W) as :class:`~bayes_polar.posterior.GaussianWeights`. The base class inherits
+returns q(W) as :class:`~bayes_polar.bll.posterior.GaussianWeights`. The base class inherits
 Pyro's contract: same arguments as the model, parameters created lazily on the first call,
 a dict of sampled values returned, ``median()`` for MAP-style predictions.
 """
@@ -13,7 +13,7 @@ import pyro
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_mean, init_to_median
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .posterior import LIKELIHOOD_SITE, WEIGHT_SITE, GaussianWeights
 
 DEFAULT_INIT_SCALE = 0.01
@@ -24,7 +24,7 @@ class WeightGuide(AutoGuide):
 
     Parameters
     ----------
-    model: the :class:`~bayes_polar.head.BayesianLastLayer` (or a ``poutine.block`` of it that
+    model: the :class:`~bayes_polar.bll.model.BayesianLastLayer` (or a ``poutine.block`` of it that
         exposes only ``head.W``).
     init_scale: initial posterior standard deviation of every weight (> 0).
     init_loc_fn: Pyro init strategy for the mean; defaults to the prior mean.
@@ -45,7 +45,7 @@ class WeightGuide(AutoGuide):
         if latent != [self.site]:
             raise ConfigError(
                 f"{type(self).__name__} covers only {self.site!r} but the model has latent sites {latent}; "
-                "build it with bayes_polar.registry.make_guide, which adds AutoNormal for hyperparameters")
+                "build it with bayes_polar.bll.registry.make_guide, which adds AutoNormal for hyperparameters")
         init = self.prototype_trace.nodes[self.site]["value"].detach()
         self._setup_params(init.reshape(init.shape[-2:]).clone())
 

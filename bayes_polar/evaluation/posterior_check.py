@@ -31,11 +31,11 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from .errors import ConfigError
-from .evaluation import classification_metrics
-from .head import BayesianLastLayer, Prior
+from ..errors import ConfigError
+from .metrics import classification_metrics
+from ..bll.model import BayesianLastLayer, Prior
 from .inspection import from_weight_draws, guide_draws, plot_forest, save_inference_data, summary
-from .posterior import WEIGHT_SITE, weight_posterior
+from ..bll.posterior import WEIGHT_SITE, weight_posterior
 
 FILES = {"report": "posterior_check.json", "forest": "posterior_check_forest.png",
          "nuts": "posterior_check_nuts.nc", "vi": "posterior_check_vi.nc"}
@@ -151,7 +151,7 @@ def fit_vi(model, guide, args, steps: int = 2000, lr: float = 0.05, elbo: str = 
     """SVI on full-batch fixed features, learning rate decayed 10x over ``steps``; returns the final ELBO per example."""
     from pyro.infer import SVI
 
-    from .elbo import make_elbo
+    from ..bll.elbo import make_elbo
 
     svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.1 ** (1 / steps)}),
               make_elbo(elbo, num_particles))
@@ -195,7 +195,7 @@ def compare_vi_nuts(phi, mask, labels, prior: Prior, guide="full", *, eval_data=
     -------
     Comparison
     """
-    from .registry import load_guide, make_guide
+    from ..bll.registry import load_guide, make_guide
 
     if mask is None and phi.shape[1] == 1:
         raise ConfigError("Pass mask (N, C): with shared features (N, 1, D) the class count comes from the mask")
@@ -287,9 +287,9 @@ def posterior_check(source, *, run_dir=None, task: str | None = None, split: str
         ``report`` is also written to ``posterior_check.json`` with a forest plot
         (``posterior_check_forest.png``) and both posteriors as NetCDF; it is printed with ``log``.
     """
-    from .heads import VariationalHead
+    from ..training.trainable_heads import VariationalHead
     from .inspection import feature_names
-    from .run import Pipeline, default_split, load_run, split_features
+    from ..run import Pipeline, default_split, load_run, split_features
 
     if not isinstance(source, Pipeline):
         run_dir, source = Path(source), load_run(source, data_dir)

@@ -21,7 +21,7 @@ import inspect
 import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .posterior import GaussianWeights, initialize_guide, kl_to_normal, weight_posterior
 
 ESTIMATORS = ("jensen", "mc", "mc_meanfield")
@@ -41,8 +41,8 @@ def jensen_expected_loglik(q: GaussianWeights, phi, y, mask=None) -> torch.Tenso
 class JensenELBO(ELBO):
     """The closed-form ELBO, derived from the model's prior and the guide's Gaussian q(W).
 
-    Works with :class:`~bayes_polar.head.BayesianLastLayer` and any guide that
-    :func:`~bayes_polar.posterior.weight_posterior` can read. Drop-in for Pyro's ``SVI``.
+    Works with :class:`~bayes_polar.bll.model.BayesianLastLayer` and any guide that
+    :func:`~bayes_polar.bll.posterior.weight_posterior` can read. Drop-in for Pyro's ``SVI``.
     """
 
     def __init__(self):

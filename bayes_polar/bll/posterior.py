@@ -21,7 +21,7 @@ import pyro.distributions as dist
 import torch
 from torch.distributions.transforms import ReshapeTransform
 
-from .errors import ConfigError, ShapeMismatchError
+from ..errors import ConfigError, ShapeMismatchError
 
 WEIGHT_SITE = "head.W"
 LIKELIHOOD_SITE = "head.y"

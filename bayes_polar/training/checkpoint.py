@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import BayesPolarWarning, CheckpointError, ConfigError
+from ..errors import BayesPolarWarning, CheckpointError, ConfigError
 from .rng import rng_state, set_rng_state  # re-exported: RNG state travels in `state`
 
 FORMAT_VERSION = 1

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .errors import BayesPolarWarning, DataFormatError, MissingFileError, UnknownTaskError
+from ..errors import BayesPolarWarning, DataFormatError, MissingFileError, UnknownTaskError
 from .hub import require_hub
 
 LETTERS = "ABCDEFGHIJ"

@@ -1,9 +1,9 @@
 """Numerical faults in training: caught at the step they happen, never written to a checkpoint.
 
-:class:`TrainingGuard` wraps a method for :func:`~bayes_polar.train.fit` (it has the method's
+:class:`TrainingGuard` wraps a method for :func:`~bayes_polar.training.loop.fit` (it has the method's
 ``train_step`` and ``model``). Each step is checked where it can go wrong, before any update:
 
-- features φ (:func:`~bayes_polar.features.check_finite_features`), the loss and the ELBO, and
+- features φ (:func:`~bayes_polar.data.features.check_finite_features`), the loss and the ELBO, and
   every gradient (adapter, point head and guide steps) raise :class:`NumericalError`;
 - after the step every trainable tensor (adapters, head, guide) is checked once more.
 
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from .adapters import orthogonality_error, polar_layers
-from .config import ON_NAN
-from .errors import BayesPolarWarning, ConfigError, NumericalError
+from ..adapters import orthogonality_error, polar_layers
+from ..config import ON_NAN
+from ..errors import BayesPolarWarning, ConfigError, NumericalError
 
 
 class TrainingGuard:
@@ -41,7 +41,7 @@ class TrainingGuard:
 
     Parameters
     ----------
-    method: a :class:`~bayes_polar.methods.Method`.
+    method: a :class:`~bayes_polar.training.methods.Method`.
     on_nan: ``stop`` (raise :class:`NumericalError` with the step) or ``skip`` (undo the batch).
     max_skipped: with ``skip``, raise once more than this many batches have been skipped.
     orthogonality_tol: re-orthonormalise a factor when ``‖XᵀX − I‖_F`` exceeds it (None: never).

@@ -21,10 +21,10 @@ import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .backbone import cache_dir
-from .checkpoint import atomic_write_text
-from .config import METHODS, FitConfig, read_json
-from .errors import ConfigError
+from ..data.backbone import cache_dir
+from ..training.checkpoint import atomic_write_text
+from ..config import METHODS, FitConfig, read_json
+from ..errors import ConfigError
 
 METRICS = ("acc", "ece", "nll", "brier")
 
@@ -122,20 +122,20 @@ def _run_parallel(todo: list, total: int, out: Path, jobs: int, log) -> None:
 def _warm_caches(configs: list[FitConfig]) -> None:
     """Fill the on-disk prefix caches of one task's cells (training split, held-out slice, evaluated splits),
     one configuration after the other, so that a split is computed once."""
-    from .run import build_pipeline, encode_eval, eval_targets, warm_cache
+    from ..run import build_pipeline, encode_eval, eval_targets, warm_cache
 
     for config in configs:
         pipe = build_pipeline(config)
         for encoded in (pipe.train, pipe.heldout):
             if encoded is not None:
                 warm_cache(pipe, encoded)
-        for task, split in eval_targets(config):
+        for task, split in eval_targets(config.eval_tasks, config.task):
             warm_cache(pipe, encode_eval(pipe, task, split))
 
 
 def _run_cell(config: FitConfig, directory, progress: bool = False, log=lambda *_: None) -> None:
     """One cell: ``run_fit`` into ``directory``, resuming an interrupted one."""
-    from .run import run_fit
+    from ..run import run_fit
 
     run_fit(config, directory, resume=Path(directory).exists(), progress=progress, log=log)
 
@@ -210,7 +210,7 @@ def _reliability_figure(grid: Grid, out: Path) -> None:
     """One reliability panel per method, on the first task and seed (from the saved predictions)."""
     from safetensors.torch import load_file
 
-    from .evaluation import plot_reliability_diagrams
+    from .metrics import plot_reliability_diagrams
 
     task, seed = grid.tasks[0], grid.seeds[0]
     curves = {}

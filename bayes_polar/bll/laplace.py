@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from .head import head_logits
+from .model import head_logits
 from .posterior import GaussianWeights, check_head_shapes
 
 

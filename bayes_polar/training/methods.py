@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapters import adapter_state_dict, adapters_disabled, inject_lora, inject_polar, make_adapter_optimizer
-from .adapters.inject import find_blocks, resolve_layers
-from .config import FitConfig
-from .features import FeatureExtractor, Features, check_finite_features
-from .head import head_logits
-from .heads import PointHead, VariationalHead
-from .laplace import fit_laplace
-from .predictive import predictive_proba
+from ..adapters import adapter_state_dict, adapters_disabled, inject_lora, inject_polar, make_adapter_optimizer
+from ..adapters.inject import find_blocks, resolve_layers
+from ..config import FitConfig
+from ..data.features import FeatureExtractor, Features, check_finite_features
+from ..bll.model import head_logits
+from .trainable_heads import PointHead, VariationalHead
+from ..bll.laplace import fit_laplace
+from ..bll.predictive import predictive_proba
 from .steps import AdapterStep, GuideStep, JointStep, lr_lambda
 
 VARIATIONAL = ("polar-vbll", "polar-vbll-la", "lora-vbll")
@@ -52,9 +52,8 @@ def attach_adapters(model: nn.Module, config: FitConfig) -> list[str]:
     return list(model.lora_targets)
 
 
-def first_adapted_block(model: nn.Module, config: FitConfig) -> int:
-    """Index of the lowest block with adapters (0 when every block has them)."""
-    layers = config.layer_indices
+def first_adapted_block(model: nn.Module, layers: list[int] | None) -> int:
+    """Index of the lowest block with adapters (0 when every block has them, ``layers=None``)."""
     if layers is None:
         return 0
     return min(resolve_layers(layers, len(find_blocks(model)[1])))
@@ -164,7 +163,7 @@ class Method:
         return tensors
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        from .adapters.io import _copy_in, check_manifest
+        from ..adapters.io import _copy_in, check_manifest
 
         adapters = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
         check_manifest(adapter_state_dict(self.model), adapters)
@@ -173,7 +172,7 @@ class Method:
 
     def load_head_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Head (and Laplace) tensors as written by :meth:`state_tensors`, without the adapters."""
-        from .posterior import GaussianWeights
+        from ..bll.posterior import GaussianWeights
 
         self.head.load_state_tensors({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
         if "laplace.loc" in tensors:

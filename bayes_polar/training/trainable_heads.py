@@ -1,6 +1,6 @@
 """Last layers the training loop drives: the variational Bayesian head and a point-estimate head.
 
-Both take :class:`~bayes_polar.features.Features` and labels, expose ``loss`` (per example,
+Both take :class:`~bayes_polar.data.features.Features` and labels, expose ``loss`` (per example,
 differentiable in the features: what the adapter step minimises) and ``predict_proba``. The
 loop never needs to know which one it drives.
 """
@@ -24,13 +24,13 @@ from pyro.optim.optim import is_scheduler
 from pyro.optim.clipped_adam import ClippedAdam
 from torch import nn
 
-from .elbo import make_elbo
-from .errors import ConfigError, NumericalError
-from .features import Features
-from .head import BayesianLastLayer, Prior, head_logits
-from .posterior import WEIGHT_SITE, initialize_guide, weight_posterior
-from .predictive import DEFAULT_NUM_SAMPLES, mean_proba, predictive_proba, pyro_predictive_proba
-from .registry import load_guide, make_guide
+from ..bll.elbo import make_elbo
+from ..errors import ConfigError, NumericalError
+from ..data.features import Features
+from ..bll.model import BayesianLastLayer, Prior, head_logits
+from ..bll.posterior import WEIGHT_SITE, initialize_guide, weight_posterior
+from ..bll.predictive import DEFAULT_NUM_SAMPLES, mean_proba, predictive_proba, pyro_predictive_proba
+from ..bll.registry import load_guide, make_guide
 
 
 def zero_shot_weights(format: str, feature_dim: int, answer_rows: torch.Tensor | None = None,
@@ -63,8 +63,8 @@ class VariationalHead:
     Parameters
     ----------
     in_features, num_rows: D and K of W.
-    prior: a :class:`~bayes_polar.head.Prior`.
-    guide: a guide name, file or builder (see :func:`~bayes_polar.registry.load_guide`).
+    prior: a :class:`~bayes_polar.bll.model.Prior`.
+    guide: a guide name, file or builder (see :func:`~bayes_polar.bll.registry.load_guide`).
     dataset_size: N, the number of training examples (scales the minibatch likelihood).
     estimator: ``jensen``, ``mc`` or ``mc_meanfield``.
     kl_weight: weight of KL in the per-example ELBO; None means 1/N (the true ELBO).
@@ -125,7 +125,7 @@ class VariationalHead:
 
     def _loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         """The ELBO's ``loss_and_grads``, then gradient averaging over processes (``grad_sync``,
-        set by :func:`bayes_polar.distributed.replicate`) and a finiteness check, all before
+        set by :func:`bayes_polar.training.distributed.replicate`) and a finiteness check, all before
         ``SVI.step`` moves a parameter: a non-finite ELBO or gradient raises NumericalError."""
         with poutine.trace(param_only=True) as capture:
             loss = self.elbo.loss_and_grads(model, guide, *args, **kwargs)

@@ -41,9 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ConfigError, ShapeMismatchError
-from .posterior import WEIGHT_SITE, GaussianWeights, check_head_shapes
-from .tasks import LETTERS
+from ..errors import ConfigError, ShapeMismatchError
+from ..bll.posterior import WEIGHT_SITE, GaussianWeights, check_head_shapes
+from ..data.tasks import LETTERS
 
 DEFAULT_NUM_DRAWS = 1000
 LOGLIK_FEATURES = ("loglik_sum", "loglik_mean")
@@ -76,7 +76,7 @@ def guide_draws(posterior, phi=None, mask=None, num_draws: int = DEFAULT_NUM_DRA
     """Posterior draws ``{site: (S, ...)}`` with ``head.W`` shaped (S, K, D).
 
     ``posterior`` is a guide (any Pyro guide of the head: its latent sites are drawn by
-    ``pyro.infer.Predictive``) or :class:`~bayes_polar.posterior.GaussianWeights` (e.g. a
+    ``pyro.infer.Predictive``) or :class:`~bayes_polar.bll.posterior.GaussianWeights` (e.g. a
     Laplace posterior). The global RNG is left as it was; ``seed`` fixes the draws.
     """
     from pyro import poutine
@@ -246,13 +246,13 @@ def to_inference_data(source, guide=None, phi=None, mask=None, labels=None, *, t
     ----------
     source : str, Path, Pipeline, VariationalHead, BayesianLastLayer or GaussianWeights
         A RUN_DIR (loaded with :func:`~bayes_polar.run.load_run`), a loaded pipeline, or a
-        bare head: a :class:`~bayes_polar.heads.VariationalHead`, a
-        :class:`~bayes_polar.head.BayesianLastLayer` with its ``guide``, or a posterior
-        :class:`~bayes_polar.posterior.GaussianWeights`.
+        bare head: a :class:`~bayes_polar.training.trainable_heads.VariationalHead`, a
+        :class:`~bayes_polar.bll.model.BayesianLastLayer` with its ``guide``, or a posterior
+        :class:`~bayes_polar.bll.posterior.GaussianWeights`.
     guide : pyro guide, optional
         The guide of a bare ``BayesianLastLayer``.
     phi, mask, labels : torch.Tensor, optional
-        Bare heads: features (B, C|1, D) (or a :class:`~bayes_polar.features.Features`),
+        Bare heads: features (B, C|1, D) (or a :class:`~bayes_polar.data.features.Features`),
         choice mask (B, C) and labels (B,).
     task, split, limit : optional
         Runs: the questions of the predictive and log-likelihood (default: the training task's
@@ -271,10 +271,10 @@ def to_inference_data(source, guide=None, phi=None, mask=None, labels=None, *, t
     -------
     arviz.InferenceData
     """
-    from .run import Pipeline
+    from ..run import Pipeline
 
     if isinstance(source, (str, Path)):
-        from .run import load_run
+        from ..run import load_run
 
         run_dir, source = Path(source), load_run(source, data_dir)
     if isinstance(source, Pipeline):
@@ -288,9 +288,9 @@ def to_inference_data(source, guide=None, phi=None, mask=None, labels=None, *, t
 
 
 def _bare_posterior(source, guide, phi, mask):
-    from .features import Features
-    from .head import BayesianLastLayer
-    from .heads import VariationalHead
+    from ..data.features import Features
+    from ..bll.model import BayesianLastLayer
+    from ..training.trainable_heads import VariationalHead
 
     if isinstance(phi, Features):
         phi, mask = phi.phi, phi.mask
@@ -307,8 +307,8 @@ def _bare_posterior(source, guide, phi, mask):
 
 
 def _from_pipeline(pipe, run_dir, task, split, limit, data_dir, features, num_draws, save, seed, progress):
-    from .heads import VariationalHead
-    from .run import default_split, split_features
+    from ..training.trainable_heads import VariationalHead
+    from ..run import default_split, split_features
 
     if not isinstance(pipe.method.head, VariationalHead):
         raise ConfigError(f"The run's method {pipe.config.method!r} has a point-estimate head, no posterior: "
@@ -368,7 +368,7 @@ def load_inference_data(path):
     """Read an InferenceData written by :func:`save_inference_data` (or ``to_inference_data``)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"No such file: {path}; write it with bayes_polar.inspection.to_inference_data(RUN_DIR)")
+        raise FileNotFoundError(f"No such file: {path}; write it with bayes_polar.evaluation.inspection.to_inference_data(RUN_DIR)")
     return _az().from_netcdf(str(path), engine="h5netcdf")
 
 
@@ -384,7 +384,7 @@ def plot_forest(idatas: dict, path=None, var_names=("W",), coords=None, title: s
 
     Drawn on a pyplot-free Agg figure unless ``ax`` is given, so it is safe headless.
     """
-    from .evaluation import _figure, _save
+    from .metrics import _figure, _save
 
     names = list(idatas)
     first = idatas[names[0]].posterior

@@ -1,6 +1,6 @@
 """Priors and guides by name (``PRIORS``, ``GUIDES``) or by a file a user writes.
 
-A prior file defines one public class ``<Name>Prior`` subclassing ``bayes_polar.head.Prior``;
+A prior file defines one public class ``<Name>Prior`` subclassing ``bayes_polar.bll.model.Prior``;
 a guide file defines one public builder ``<Name>Guide`` (a class or function
 ``model -> guide``). ``load_prior("isotropic", variance=2.0)`` and
 ``load_prior("my_priors/laplace.py", scale=0.1)`` work the same way.
@@ -17,10 +17,10 @@ from pathlib import Path
 from pyro import poutine
 from pyro.infer.autoguide import AutoGuideList, AutoNormal
 
-from .errors import ConfigError, MissingFileError, UserModuleError
-from .head import Prior
+from ..errors import ConfigError, MissingFileError, UserModuleError
+from .model import Prior
 from .posterior import WEIGHT_SITE
-from .weight_guide import DEFAULT_INIT_SCALE
+from .guide import DEFAULT_INIT_SCALE
 
 
 def _is_path(name: str) -> bool:
@@ -84,16 +84,16 @@ def load_prior(name_or_path: str | Prior = "isotropic", **kwargs) -> Prior:
     if _is_path(name_or_path):
         module = _load_module(name_or_path)
         builder = _single_public(module, "Prior", lambda o: inspect.isclass(o) and issubclass(o, Prior),
-                                 "a subclass of bayes_polar.head.Prior")
+                                 "a subclass of bayes_polar.bll.model.Prior")
     else:
-        from .models import PRIORS
+        from ..models import PRIORS
 
         if name_or_path not in PRIORS:
             raise ConfigError(f"Unknown prior {name_or_path!r}; expected one of {sorted(PRIORS)} or a .py file")
         builder = PRIORS[name_or_path]
     prior = _build("prior", name_or_path, builder, kwargs)
     if not isinstance(prior, Prior):
-        raise ConfigError(f"{name_or_path!r} built a {type(prior).__name__}, not a bayes_polar.head.Prior")
+        raise ConfigError(f"{name_or_path!r} built a {type(prior).__name__}, not a bayes_polar.bll.model.Prior")
     return prior
 
 
@@ -105,7 +105,7 @@ def load_guide(name_or_path="full", **kwargs):
         module = _load_module(name_or_path)
         builder = _single_public(module, "Guide", callable, "a class or function model -> guide")
     else:
-        from .guides import GUIDES
+        from ..guides import GUIDES
 
         if name_or_path not in GUIDES:
             raise ConfigError(f"Unknown guide {name_or_path!r}; expected one of {sorted(GUIDES)} or a .py file")
@@ -114,7 +114,7 @@ def load_guide(name_or_path="full", **kwargs):
 
 
 def _covers_only_weights(builder) -> bool:
-    from .weight_guide import WeightGuide
+    from .guide import WeightGuide
 
     target = builder.func if isinstance(builder, partial) else builder
     return inspect.isclass(target) and issubclass(target, WeightGuide)

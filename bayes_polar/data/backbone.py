@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, MissingFileError, OfflineError
+from ..errors import ConfigError, MissingFileError, OfflineError
 from .hub import require_hub
 
 DEFAULT_BACKBONE = "smollm2-135m"

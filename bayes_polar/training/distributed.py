@@ -16,7 +16,7 @@ scaling by N / (R·b) and summing. ``--batch-size`` is per process: global batch
 
 How the gradients are reduced (one flat ``all_reduce`` per dtype, then divided by R):
 
-- adapters (X, Y, Θ; LoRA factors; a point head): :class:`~bayes_polar.steps.AdapterStep` takes
+- adapters (X, Y, Θ; LoRA factors; a point head): :class:`~bayes_polar.training.steps.AdapterStep` takes
   gradients with ``torch.autograd.grad``, which ``DistributedDataParallel``'s reducer never sees (it
   hooks gradient accumulation), and the features may come from a prefix cache that bypasses the
   module's ``forward``. So the step calls its ``grad_sync`` hook right after the gradients exist and
@@ -26,7 +26,7 @@ How the gradients are reduced (one flat ``all_reduce`` per dtype, then divided b
 - guide (Pyro parameter store): ``SVI.step`` computes gradients and steps in one call. :func:`replicate`
   rebuilds the head's ``SVI`` with Pyro's ``loss_and_grads`` argument set to the ELBO's own
   ``loss_and_grads`` followed by :func:`average_gradients_` over the parameters it traced.
-- joint mode: :class:`~bayes_polar.steps.JointStep` passes adapters and guide parameters to the hook.
+- joint mode: :class:`~bayes_polar.training.steps.JointStep` passes adapters and guide parameters to the hook.
 
 Every rank then runs the same optimiser step on the same averaged gradients and parameters, so the
 Stiefel factors stay bit-identical (and orthonormal) across ranks; :func:`check_in_sync` verifies it at
@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint
-from .errors import BayesPolarError, ConfigError
+from ..errors import BayesPolarError, ConfigError
 from .rng import rng_state, set_rng_state
 
 __all__ = ["DistributedContext", "ReplicaMismatchError", "average_gradients_", "broadcast_", "check_in_sync",
@@ -99,7 +99,7 @@ def is_main() -> bool:
 
 
 def shard() -> tuple[int, int]:
-    """``(num_replicas, rank)`` for :func:`~bayes_polar.train.epoch_loader`'s DistributedSampler."""
+    """``(num_replicas, rank)`` for :func:`~bayes_polar.training.loop.epoch_loader`'s DistributedSampler."""
     ctx = context()
     return ctx.world_size, ctx.rank
 
@@ -208,7 +208,7 @@ def on_main(fn, *args, **kwargs):
 
 def _remote_error(name: str, message: str) -> Exception:
     """Rank 0's exception on another rank: the same library or builtin class when there is one."""
-    from . import errors
+    from .. import errors
     import builtins
 
     cls = getattr(errors, name, None) or getattr(builtins, name, None)
@@ -280,10 +280,10 @@ def replicate(method) -> None:
 
 # ------------------------------------------------------------------------------------ checkpoints
 def save_checkpoint(run_dir, tensors: dict, state: dict, *, step: int, **kwargs):
-    """:func:`~bayes_polar.checkpoint.save_checkpoint` on rank 0, after checking the replicas agree.
+    """:func:`~bayes_polar.training.checkpoint.save_checkpoint` on rank 0, after checking the replicas agree.
 
     Adds ``world_size`` and every rank's RNG state (``rank_rng``) to ``state``; the others wait.
-    In one process: exactly :func:`~bayes_polar.checkpoint.save_checkpoint`.
+    In one process: exactly :func:`~bayes_polar.training.checkpoint.save_checkpoint`.
     """
     ctx = context()
     if not ctx.enabled:
@@ -294,7 +294,7 @@ def save_checkpoint(run_dir, tensors: dict, state: dict, *, step: int, **kwargs)
 
 
 def restore_rank_state(state: dict) -> None:
-    """After :func:`~bayes_polar.train.restore_training_state`: this rank's RNG; the world size must match."""
+    """After :func:`~bayes_polar.training.loop.restore_training_state`: this rank's RNG; the world size must match."""
     ctx = context()
     saved = int(state.get("world_size", 1))
     if saved != ctx.world_size:

@@ -13,7 +13,7 @@ import torch
 from pyro import poutine
 from pyro.infer.util import zero_grads
 
-from .errors import NumericalError
+from ..errors import NumericalError
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
@@ -72,7 +72,7 @@ class AdapterStep:
         self.loss_fn, self.optimizer, self.scheduler = loss_fn, optimizer, scheduler
         self.clip_norm, self.name = clip_norm, name
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.grad_sync = None  # multi-process: averages gradients over ranks (bayes_polar.distributed.replicate)
+        self.grad_sync = None  # multi-process: averages gradients over ranks (bayes_polar.training.distributed.replicate)
 
     def __call__(self, features, labels) -> dict:
         loss = self.loss_fn(features, labels)

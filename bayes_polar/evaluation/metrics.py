@@ -29,7 +29,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .errors import InvalidTypeError, InvalidValueError, NumericalError, ShapeMismatchError
+from ..errors import InvalidTypeError, InvalidValueError, NumericalError, ShapeMismatchError
 
 ROW_SUM_ATOL = 1e-4  # float32/float64 inputs
 _HALF_ROW_SUM_ATOL = 1e-2  # float16/bfloat16 inputs

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import BayesPolarWarning, ConfigError, DataFormatError
+from ..errors import BayesPolarWarning, ConfigError, DataFormatError
 from .tasks import LETTERS, Example, Task
 
 FORMATS = ("letters", "options")
