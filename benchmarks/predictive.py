@@ -6,7 +6,7 @@ off: a deployed model sees new questions); the one-pass pair and the MC-dropout 
 in two interleaved runs (``--repeats``, ``--mc-repeats``). The last layer alone is also timed on
 fixed features (point vs 100 draws), which gives a low-noise estimate of the first ratio.
 
-- ``deterministic``: ``method.point_proba(batch)`` of PoLAR-VBLL: one pass, softmax at the mean;
+- ``deterministic``: ``method.head.point_proba(method.features(batch))`` of PoLAR-VBLL: one pass, softmax at the mean;
 - ``polar_vbll_S100``: ``method.predict_proba(batch, 100)``: one pass, 100 logit draws;
 - ``mc_dropout_N10``: ``lora-mcdropout`` with ``mc_passes=10``: ten passes with dropout on.
 
@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     def pick(i):
         return batches[i % len(batches)]
 
-    sides = {"deterministic": lambda i: polar.method.point_proba(pick(i)),
+    sides = {"deterministic": lambda i: polar.method.head.point_proba(polar.method.features(pick(i))),
              "polar_vbll_S100": lambda i: polar.method.predict_proba(pick(i), SAMPLES),
              "mc_dropout_N10": lambda i: mcd.method.predict_proba(pick(i), SAMPLES)}
     one_pass = bench.interleaved(args, {k: sides[k] for k in ("deterministic", "polar_vbll_S100")}, args.repeats)

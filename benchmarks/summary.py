@@ -1,7 +1,7 @@
 """Collect every ratio of the committed benchmark results into one summary JSON.
 
 Reads ``results/<name>.json`` (the SmolLM2 runs, and head_cost.json, which needs no backbone;
-``*-<model>.json`` of other models are skipped unless ``--model`` names them), keeps each ratio with its target, ``met`` and the command that measured it, and
+``*-<model>.json`` of other models are skipped unless ``--model`` names them), keeps each ratio with its target, ``met`` (recomputed from value and target) and the command that measured it, and
 writes ``results/summary.json``. Nothing is re-measured: run the scripts first.
 
     python benchmarks/summary.py
@@ -15,6 +15,18 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def target_met(entry: dict) -> bool | None:
+    """``value`` against ``target`` ("<= t" / ">= t"), recomputed: a stored ``met`` is never trusted."""
+    target = entry.get("target")
+    if target is None:
+        return None
+    sense, _, bound = target.partition(" ")
+    if sense not in ("<=", ">="):
+        raise ValueError(f"ratio {entry['name']!r}: target {target!r} is not '<= t' or '>= t'")
+    value, bound = float(entry["value"]), float(bound)
+    return value <= bound if sense == "<=" else value >= bound
+
+
 def collect(results: Path, model: str = "smollm2-135m") -> dict:
     """``{"model", "ratios": [...], "targets_met", "targets_missed"}`` from the benchmark JSON files."""
     suffix = "" if model == "smollm2-135m" else f"-{model}"
@@ -26,8 +38,8 @@ def collect(results: Path, model: str = "smollm2-135m") -> dict:
         if "ratios" not in result:
             continue  # e.g. stable_rank.json: a study, not a timing
         for entry in result["ratios"]:
-            ratios.append({"benchmark": result["benchmark"], **entry, "command": result["command"],
-                           "model": result["model"],
+            ratios.append({"benchmark": result["benchmark"], **entry, "met": target_met(entry),
+                           "command": result["command"], "model": result["model"],
                            "load_average": result["machine"].get("load_average")})
     targeted = [r for r in ratios if r["met"] is not None]
     return {"model": model, "ratios": ratios,

@@ -88,6 +88,8 @@ def load_tokenizer(name_or_path: str = DEFAULT_BACKBONE, *, trust_remote_code: b
     """The backbone's tokenizer, set up for left padding (features are read at the last position)."""
     from transformers import AutoTokenizer
 
+    if name_or_path == TINY_RANDOM:
+        name_or_path = DEFAULT_BACKBONE  # the tiny random Llama uses SmolLM2's tokenizer
     path = name_or_path if _resolved else _resolve(name_or_path)
     tokenizer = _from_pretrained(AutoTokenizer, path, name_or_path, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "left"
