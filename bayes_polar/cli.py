@@ -64,7 +64,7 @@ def _cmd_demo(args) -> int:
 def _cmd_evaluate(args) -> int:
     from .run import evaluate_run
 
-    evaluate_run(args.run_dir, args.task, args.split, args.data_dir, args.limit)
+    evaluate_run(args.run_dir, args.task, args.split, args.data_dir, args.limit, device=args.device, dtype=args.dtype)
     return 0
 
 
@@ -82,7 +82,7 @@ def _cmd_posterior_check(args) -> int:
     posterior_check(args.run_dir, task=args.task, split=args.split, limit=args.limit, eval_split=args.eval_split,
                     eval_limit=args.eval_limit, dims=args.dims, num_samples=args.num_samples, warmup=args.warmup,
                     chains=args.chains, vi_steps=args.vi_steps, elbo=args.elbo, data_dir=args.data_dir, seed=args.seed,
-                    progress=not args.quiet)
+                    progress=not args.quiet, device=args.device, dtype=args.dtype)
     return 0
 
 
@@ -95,6 +95,13 @@ def _add_fit_arguments(parser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR's latest checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_arguments(parser)
+
+
+def _add_placement_arguments(parser) -> None:
+    """``--device`` / ``--dtype`` of a command that loads a finished run (default: the run's own)."""
+    parser.add_argument("--device", default=None, help="backbone device: auto, cpu, cuda or cuda:N (default: the run's)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="backbone precision (default: the run's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default=None, help="split (default: validation, or test for MMLU)")
     evaluate.add_argument("--data-dir", default=None, help="local data mirror (default: the run's or $BAYES_POLAR_DATA)")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
+    _add_placement_arguments(evaluate)
     evaluate.set_defaults(func=_cmd_evaluate)
 
     table = sub.add_parser("table", help="run a grid of methods x tasks x seeds and write the results table")
@@ -147,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=int, default=0, help="random seed")
     check.add_argument("--data-dir", default=None, help="local data mirror (default: the run's or $BAYES_POLAR_DATA)")
     check.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_placement_arguments(check)
     check.set_defaults(func=_cmd_posterior_check)
 
     tasks = sub.add_parser("tasks", help="list the benchmark tasks and their row counts")

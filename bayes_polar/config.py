@@ -11,6 +11,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import ConfigError
+from .data.device import DTYPES, check_device
 from .data.formats import FORMATS
 
 METHODS = ("polar-vbll", "polar-vbll-la", "polar-mle", "lora-vbll", "lora-mle", "lora-map", "lora-mcdropout",
@@ -83,6 +84,12 @@ class FitConfig:
     cache_dtype: str = _help("dtype of the prefix cache: float32 (exact) or float16", "float32")
     cache_dir: str | None = _help("folder where prefix caches persist between runs (None: memory only)", None)
     threads: int = _help("torch CPU threads", 2)
+    device: str = _help("where the frozen backbone runs: auto (CUDA when available), cpu, cuda or cuda:N "
+                        "(under torchrun: cuda:LOCAL_RANK); adapters follow it, the last layer stays on the CPU", "auto")
+    dtype: str = _help("backbone precision: float32, bfloat16 or float16 (adapters X, Y, Θ and the last layer "
+                       "stay float32; features are cast to float32)", "float32")
+    gradient_checkpointing: bool = _help("recompute the adapted blocks' activations in the backward pass "
+                                         "(less memory for large backbones, ~30% more compute)", False)
     checkpoint_every: int = _help("steps between checkpoints (0: only at the end)", 50)
     eval_batch_size: int = _help("questions per evaluation batch", 16)
     trust_remote_code: bool = _help("let transformers run Python code shipped with a hub model (only for a model "
@@ -109,6 +116,8 @@ class FitConfig:
         _one_of("head_init", self.head_init, ("zero_shot", "prior"))
         _one_of("cache_dtype", self.cache_dtype, ("float32", "float16", "bfloat16"))
         _one_of("on_nan", self.on_nan, ON_NAN)
+        _one_of("dtype", self.dtype, tuple(DTYPES))
+        check_device(self.device)
         for name in ("steps", "batch_size", "rank", "num_particles", "guide_steps", "adapter_steps",
                      "predictive_samples", "mc_passes", "ensemble_size", "threads", "eval_batch_size"):
             if getattr(self, name) < 1:

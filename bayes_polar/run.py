@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .training import distributed as ddp
 from .adapters import adapter_diagnostics, load_adapters, save_adapters
 from .data.backbone import load_backbone
+from .data.device import move_backbone, resolve_device, resolve_dtype
 from .training.checkpoint import atomic_write_json, latest_checkpoint, load_checkpoint, prepare_run_dir
 from .config import FitConfig
 from .errors import ConfigError
@@ -78,8 +79,13 @@ def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = 
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     if backbone is None:
-        backbone = load_backbone(config.model, trust_remote_code=config.trust_remote_code)
+        dtype = resolve_dtype(config.dtype)
+        model, tokenizer = load_backbone(config.model, dtype=dtype, trust_remote_code=config.trust_remote_code)
+        backbone = move_backbone(model, resolve_device(config.device), dtype), tokenizer
     model, tokenizer = backbone
+    if config.gradient_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        model.disable_input_require_grads()  # non-reentrant: no grad through the frozen blocks below the adapters
     train_task = load_task(config.task, "train", data_dir or config.data_dir, limit=config.train_limit)
     heldout = None
     if config.method == "temperature-scaling":
@@ -247,7 +253,8 @@ def run_fit(config: FitConfig, out, overwrite: bool = False, resume: bool = Fals
     if not ddp.is_main():
         return {}
     trace_name, trace = info.pop("trace_name"), info.pop("trace")
-    metrics = {"method": config.method, "task": config.task, "format": config.format, "train": info,
+    metrics = {"method": config.method, "task": config.task, "format": config.format,
+               "backbone": backbone_placement(pipe.model), "train": info,
                trace_name: trace, "adapters": adapter_diagnostics(pipe.model), "evaluations": {},
                **pipe.method.extras}
     evaluate_into(pipe, run_dir, metrics, eval_targets(config.eval_tasks, config.task), progress=progress)
@@ -343,10 +350,21 @@ def _load_artifacts(pipe: Pipeline, run_dir: Path) -> None:
     pipe.method.load_head_tensors(load_file(run_dir / "head.safetensors"))
 
 
-def load_run(run_dir, data_dir=None) -> Pipeline:
-    """Rebuild a finished run: its config, adapters and head (Laplace, temperature, ensemble members)."""
+def backbone_placement(model) -> dict:
+    """``{"device", "dtype"}`` of the backbone's weights, as recorded in metrics.json."""
+    weight = model.get_input_embeddings().weight
+    return {"device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch.")}
+
+
+def load_run(run_dir, data_dir=None, device: str | None = None, dtype: str | None = None) -> Pipeline:
+    """Rebuild a finished run: its config, adapters and head (Laplace, temperature, ensemble members).
+
+    ``device``/``dtype`` override where and in which precision the backbone runs (default: the run's).
+    """
     run_dir = Path(run_dir)
     config = FitConfig.load(run_dir / "config.json")
+    overrides = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    config = replace(config, **overrides) if overrides else config
     if config.method == "lora-ensemble":
         members, store, pipe = [], None, None
         for m in range(config.ensemble_size):
@@ -362,10 +380,11 @@ def load_run(run_dir, data_dir=None) -> Pipeline:
     return pipe
 
 
-def evaluate_run(run_dir, task: str, split: str | None = None, data_dir=None, limit=None, log=print) -> dict:
+def evaluate_run(run_dir, task: str, split: str | None = None, data_dir=None, limit=None, log=print,
+                 device: str | None = None, dtype: str | None = None) -> dict:
     """Evaluate a finished run on any task/split and add the result to its metrics.json."""
     run_dir = Path(run_dir)
-    pipe = load_run(run_dir, data_dir)
+    pipe = load_run(run_dir, data_dir, device=device, dtype=dtype)
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {"evaluations": {}}
     split = split or default_split(task)

@@ -70,7 +70,8 @@ def load_backbone(
         Passed to ``from_pretrained``; off unless the caller asks for it.
     """
     if name_or_path == TINY_RANDOM:
-        return tiny_random_llama()
+        model, tokenizer = tiny_random_llama()
+        return model.to(dtype), tokenizer
     path = _resolve(name_or_path)
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
     from transformers import AutoModelForCausalLM

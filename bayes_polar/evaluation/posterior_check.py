@@ -265,7 +265,8 @@ def posterior_check(source, *, run_dir=None, task: str | None = None, split: str
                     eval_split: str | None = None, eval_limit: int | None = 256, dims: int = 32,
                     num_samples: int = 500, warmup: int = 500, chains: int = 2, vi_steps: int = 2000,
                     elbo: str = "mc", forest_features: int = 12, data_dir=None, seed: int = 0, save: bool = True,
-                    progress: bool = False, log=print) -> Comparison:
+                    progress: bool = False, log=print, device: str | None = None,
+                    dtype: str | None = None) -> Comparison:
     """VI vs NUTS for a fitted run, on its training features projected to ``dims`` dimensions.
 
     Parameters
@@ -280,6 +281,7 @@ def posterior_check(source, *, run_dir=None, task: str | None = None, split: str
     num_samples, warmup, chains, vi_steps, elbo : see :func:`compare_vi_nuts`.
     forest_features : int
         Coordinates in the forest plot (largest |NUTS mean|).
+    device, dtype : where and in which precision a RUN_DIR's backbone runs (default: the run's).
 
     Returns
     -------
@@ -292,7 +294,7 @@ def posterior_check(source, *, run_dir=None, task: str | None = None, split: str
     from ..run import Pipeline, default_split, load_run, split_features
 
     if not isinstance(source, Pipeline):
-        run_dir, source = Path(source), load_run(source, data_dir)
+        run_dir, source = Path(source), load_run(source, data_dir, device=device, dtype=dtype)
     pipe, config = source, source.config
     if not isinstance(pipe.method.head, VariationalHead):
         raise ConfigError(f"The run's method {config.method!r} has a point-estimate head: the posterior check "
