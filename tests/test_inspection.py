@@ -187,3 +187,32 @@ def test_draw_logits_matches_head_logits():
     letters_phi = phi[:, :1]
     weights = torch.randn(7, C, D)
     torch.testing.assert_close(draw_logits(weights, letters_phi), head_logits(weights.unsqueeze(1), letters_phi))
+
+
+def _trained_head(prior, seed, steps=40):
+    """A VariationalHead fitted on its own problem; its guide lives in the head's parameter store."""
+    from bayes_polar.data.features import Features
+
+    phi, mask, y = problem(seed=seed)
+    y = (y + seed) % (C - 1)
+    head = VariationalHead(D, 1, prior, "full", dataset_size=B, lr=0.05)
+    features = Features(phi, mask)
+    head.setup(features, y)
+    for _ in range(steps):
+        head.guide_step(features, y)
+    return head, features, y
+
+
+def test_two_heads_in_one_process_each_inference_data_matches_its_own_guide():
+    """Regression: the inspection path read the guide outside the head's store and returned the first
+    posterior it saw for every later head in the process."""
+    heads = [_trained_head(IsotropicPrior(1.0), seed=0), _trained_head(IsotropicPrior(0.05), seed=1)]
+    idatas = [to_inference_data(head, phi=features, labels=y, num_draws=2000) for head, features, y in heads]
+    for (head, _, _), idata in zip(heads, idatas):
+        q = head.posterior()
+        draws = torch.as_tensor(idata.posterior["W"].values).flatten(0, 1)  # (chains * draws, 1, D)
+        sd = q.variance().sqrt().detach()
+        assert ((draws.mean(0) - q.loc.detach()).abs() / sd).max() < 0.15
+        torch.testing.assert_close(draws.std(0), sd, rtol=0.15, atol=0)
+    first, second = (torch.as_tensor(i.posterior["W"].values) for i in idatas)
+    assert (first.mean((0, 1)) - second.mean((0, 1))).abs().max() > 3 * first.std((0, 1)).max()  # distinct posteriors

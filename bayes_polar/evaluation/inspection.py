@@ -75,15 +75,21 @@ def draw_logits(weights: torch.Tensor, phi: torch.Tensor, mask: torch.Tensor | N
 def guide_draws(posterior, phi=None, mask=None, num_draws: int = DEFAULT_NUM_DRAWS, seed: int = 0) -> dict:
     """Posterior draws ``{site: (S, ...)}`` with ``head.W`` shaped (S, K, D).
 
-    ``posterior`` is a guide (any Pyro guide of the head: its latent sites are drawn by
-    ``pyro.infer.Predictive``) or :class:`~bayes_polar.bll.posterior.GaussianWeights` (e.g. a
-    Laplace posterior). The global RNG is left as it was; ``seed`` fixes the draws.
+    ``posterior`` is a :class:`~bayes_polar.training.trainable_heads.VariationalHead` (its guide is
+    read inside the head's own parameter store), a guide (any Pyro guide of the head, parameters in
+    the global store: its latent sites are drawn by ``pyro.infer.Predictive``) or
+    :class:`~bayes_polar.bll.posterior.GaussianWeights` (e.g. a Laplace posterior). The global RNG
+    is left as it was; ``seed`` fixes the draws.
     """
     from pyro import poutine
     from pyro.infer import Predictive
+    from ..training.trainable_heads import VariationalHead
 
     if num_draws < 1:
         raise ConfigError(f"Expected num_draws >= 1 but got {num_draws}")
+    if isinstance(posterior, VariationalHead):  # outside its scope the guide reads another head's parameters
+        with posterior.scope():
+            return guide_draws(posterior.guide, phi, mask, num_draws, seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         if isinstance(posterior, GaussianWeights):
@@ -284,7 +290,8 @@ def to_inference_data(source, guide=None, phi=None, mask=None, labels=None, *, t
     weights = draws.pop(WEIGHT_SITE)
     return from_weight_draws(weights, phi, mask, labels, extra={k: v.unsqueeze(0) for k, v in draws.items()},
                              class_names=class_names, feature_names=feature_names, features=features, seed=seed,
-                             attrs={"posterior": type(posterior).__name__, "num_draws": num_draws})
+                             attrs={"posterior": type(getattr(posterior, "guide", posterior)).__name__,
+                                    "num_draws": num_draws})
 
 
 def _bare_posterior(source, guide, phi, mask):
@@ -295,7 +302,7 @@ def _bare_posterior(source, guide, phi, mask):
     if isinstance(phi, Features):
         phi, mask = phi.phi, phi.mask
     if isinstance(source, VariationalHead):
-        return source.guide, phi, mask
+        return source, phi, mask
     if isinstance(source, GaussianWeights):
         return source, phi, mask
     if isinstance(source, BayesianLastLayer):
@@ -316,7 +323,7 @@ def _from_pipeline(pipe, run_dir, task, split, limit, data_dir, features, num_dr
     task = task or pipe.config.task
     split = split or default_split(task)
     data, labels, encoded = split_features(pipe, task, split, data_dir, limit, progress)
-    posterior = pipe.method.laplace if pipe.method.laplace is not None else pipe.method.head.guide
+    posterior = pipe.method.laplace if pipe.method.laplace is not None else pipe.method.head
     draws = guide_draws(posterior, data.phi, data.mask, num_draws, seed)
     weights = draws.pop(WEIGHT_SITE)
     config = pipe.config
