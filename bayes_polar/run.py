@@ -23,6 +23,7 @@ from .training.checkpoint import atomic_write_json, latest_checkpoint, load_chec
 from .config import FitConfig
 from .errors import ConfigError
 from .evaluation.metrics import classification_metrics, plot_elbo_trace, reliability_diagram
+from .evaluation.uncertainty import uncertainty_scores
 from .training.faults import TrainingGuard
 from .data.features import FeatureExtractor, Features, answer_head_rows, extract_features
 from .data.formats import EncodedTask, encode_task, make_loader
@@ -282,16 +283,23 @@ def split_features(pipe: Pipeline, task: str | None = None, split: str | None = 
 
 @torch.no_grad()
 def predict(pipe: Pipeline, encoded: EncodedTask, num_samples: int, progress: bool = False) -> dict:
-    """Predictive, point and zero-shot probabilities over an encoded split, with its labels."""
+    """Predictive, point and zero-shot probabilities (N, C) over an encoded split, its labels (N,),
+    and ``scores``: the per-question uncertainty scores of the method
+    (:func:`~bayes_polar.evaluation.uncertainty.uncertainty_scores`, each (N,))."""
     loader = make_loader(encoded, pipe.tokenizer, batch_size=pipe.config.eval_batch_size)
     out = {"predictive": [], "point": [], "zero_shot": [], "labels": []}
+    scores = {}
     for batch in tqdm(loader, desc=f"eval {encoded.task.name}", disable=not progress, leave=False):
-        predictive, point = pipe.method.predict(batch, num_samples)
-        out["predictive"].append(predictive)
-        out["point"].append(point)
+        drawn = pipe.method.predict_samples(batch, num_samples)
+        out["predictive"].append(drawn["samples"].mean(0))
+        out["point"].append(drawn["point"])
         out["zero_shot"].append(pipe.method.zero_shot_proba(batch, pipe.zero_shot))
         out["labels"].append(batch.labels)
-    return {k: torch.cat(v) for k, v in out.items()}
+        for name, value in uncertainty_scores(drawn["samples"], drawn["mask"], drawn["logit_var"]).items():
+            scores.setdefault(name, []).append(value)
+    result = {k: torch.cat(v) for k, v in out.items()}
+    result["scores"] = {k: torch.cat(v) for k, v in scores.items()}
+    return result
 
 
 def metrics_of(predictions: dict) -> dict:
@@ -317,12 +325,14 @@ def evaluate_into(pipe: Pipeline, run_dir: Path, metrics: dict, targets, data_di
 
 
 def save_predictions(path: Path, key: str, predictions: dict) -> None:
-    """Add ``<key>/probs``, ``<key>/point`` and ``<key>/labels`` to a safetensors file of predictions."""
+    """Add ``<key>/probs``, ``<key>/point``, ``<key>/labels`` and ``<key>/scores/<name>`` (uncertainty
+    scores per question) to a safetensors file of predictions."""
     from safetensors.torch import load_file, save_file
 
     saved = load_file(path) if path.exists() else {}
     saved.update({f"{key}/probs": predictions["predictive"], f"{key}/point": predictions["point"],
                   f"{key}/labels": predictions["labels"]})
+    saved.update({f"{key}/scores/{name}": value for name, value in predictions.get("scores", {}).items()})
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in saved.items()}, tmp)
     tmp.replace(path)
