@@ -4,8 +4,9 @@ Takes predictive probabilities and labels (or a run directory); hands on numbers
 ``metrics`` computes accuracy, ECE, NLL and Brier and draws reliability diagrams and ELBO
 traces; ``inspection`` converts posteriors to ArviZ ``InferenceData``; ``posterior_check``
 compares the guide with NUTS; ``uncertainty`` turns per-sample probabilities into per-question
-scores (max probability, entropy, aleatoric, mutual information, logit variance); ``table`` runs a
-methods × tasks × seeds grid.
+scores (max probability, entropy, aleatoric, mutual information, logit variance), ``ood`` rates
+them as ID/OOD detectors (AUROC, AUPR) and ``selective`` as abstention rules (AURC, E-AURC,
+accuracy at coverage); ``table`` runs a methods × tasks × seeds grid.
 """
 from .inspection import to_inference_data
 from .metrics import classification_metrics, expected_calibration_error, plot_reliability_diagrams
