@@ -2,7 +2,9 @@
 
 Small mode (``BAYES_POLAR_NOTEBOOK_SMALL=1``, read in each notebook's first cell) runs the same
 code on a handful of questions, a few steps and adapters on the top block only: about two
-minutes per notebook on two cores, so CI executes all of them.
+minutes per notebook on two cores, so CI executes all of them. Notebooks 03 and 04 end with a
+cell asserting their claims; the claims that need real sizes are skipped in small mode and
+checked by the ``slow`` full-mode run.
 """
 import json
 
@@ -33,12 +35,13 @@ def test_stored_without_outputs_and_valid(path):
     assert "/work/" not in text and "/home/" not in text and "/tmp/" not in text, "no machine paths"
 
 
-@pytest.mark.notebook
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_in_small_mode(path, tmp_path, data_dir, monkeypatch):
+def _execute(path, tmp_path, data_dir, monkeypatch, small: bool):
     from nbclient import NotebookClient
 
-    monkeypatch.setenv("BAYES_POLAR_NOTEBOOK_SMALL", "1")
+    if small:
+        monkeypatch.setenv("BAYES_POLAR_NOTEBOOK_SMALL", "1")
+    else:
+        monkeypatch.delenv("BAYES_POLAR_NOTEBOOK_SMALL", raising=False)
     monkeypatch.setenv("BAYES_POLAR_DATA", str(data_dir))
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
@@ -46,3 +49,26 @@ def test_notebook_runs_in_small_mode(path, tmp_path, data_dir, monkeypatch):
     errors = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs if o.output_type == "error"]
     assert not errors
     assert (tmp_path / "runs" / "notebooks").is_dir(), "runs go under the working directory"
+    return nb
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem[:2] in ("03", "04")], ids=lambda p: p.stem)
+def test_claims_are_checked_in_a_final_cell(path):
+    last = nbformat.read(path, as_version=4).cells[-1]
+    assert last.cell_type == "code" and "assert" in last.source and "if SMALL:" in last.source
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_in_small_mode(path, tmp_path, data_dir, monkeypatch):
+    _execute(path, tmp_path, data_dir, monkeypatch, small=True)
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem[:2] in ("03", "04")], ids=lambda p: p.stem)
+def test_notebook_claims_hold_in_full_mode(path, tmp_path, data_dir, monkeypatch):
+    """The claims the final cell skips in small mode (OOD confidence, VI against NUTS), at full size."""
+    nb = _execute(path, tmp_path, data_dir, monkeypatch, small=False)
+    printed = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream")
+    assert "all claims hold" in printed and "skipped" not in printed

@@ -10,8 +10,10 @@ A grid file (JSON) names the cells and the settings they share::
 Each cell is one ``bayes-polar fit`` run in ``OUT/cells/<task>/<method>/seed<k>``; finished cells
 (with ``metrics.json``) are not re-run and interrupted ones resume from their checkpoints. The
 frozen blocks' states are cached on disk once per task and shared by every cell. Results go to
-``OUT/results.csv`` (one row per cell and evaluated split), ``OUT/table.md`` (ACC / ECE / NLL,
-mean ± std over seeds) and ``OUT/reliability.png`` (one panel per method).
+``OUT/results.csv`` (one row per cell and evaluated split: calibration metrics, selective prediction,
+OOD AUROC/AUPR per uncertainty score), ``OUT/table.md`` (ACC / ECE / NLL; AURC for every column; OOD
+AUROC of max probability, entropy and mutual information for the OOD training task's columns; mean
+± std over seeds) and ``OUT/reliability.png`` (one panel per method).
 """
 from __future__ import annotations
 
@@ -25,8 +27,13 @@ from ..data.backbone import cache_dir
 from ..training.checkpoint import atomic_write_text
 from ..config import METHODS, FitConfig, read_json
 from ..errors import ConfigError
+from .uncertainty import SCORES
 
 METRICS = ("acc", "ece", "nll", "brier")
+EXTRA_METRICS = ("ace", "mce", "cw_ece")  # absent from runs made before they existed: empty cells
+SELECTIVE = ("aurc", "e_aurc", "acc@80", "acc@90")
+OOD_BLOCKS = (("max_prob", "max probability"), ("entropy", "predictive entropy"),
+              ("mutual_information", "mutual information"))
 
 
 @dataclass
@@ -149,10 +156,13 @@ def collect_rows(grid: Grid, out: Path) -> list[dict]:
         metrics = json.loads(metrics_path.read_text())
         for name, result in metrics["evaluations"].items():
             eval_task, split = name.split("/")
+            selective, ood = result.get("selective", {}), result.get("ood", {})
             rows.append({"method": method, "train_task": task, "eval_task": eval_task, "split": split,
                          "kind": "id" if eval_task == task else "ood", "seed": seed,
-                         **{k: result[k] for k in METRICS}, "n": result["n"],
-                         "train_seconds": metrics["train"]["seconds"]})
+                         **{k: result[k] for k in METRICS}, **{k: result.get(k) for k in EXTRA_METRICS},
+                         **{k: selective.get(k) for k in SELECTIVE},
+                         **{f"{m}_{score}": ood.get(m, {}).get(score) for m in ("auroc", "aupr") for score in SCORES},
+                         "n": result["n"], "train_seconds": metrics["train"]["seconds"]})
     return rows
 
 
@@ -166,17 +176,23 @@ def _columns(grid: Grid) -> list[tuple[str, str, str]]:
 
 
 def markdown_table(grid: Grid, rows: list[dict], header: str = "") -> str:
-    """ACC / ECE / NLL blocks in the paper's layout: methods × datasets, mean ± std over seeds."""
+    """Blocks in the paper's layout (methods × datasets, mean ± std over seeds): ACC / ECE / NLL and
+    AURC for every column; OOD AUROC per score for the OOD training task's OOD columns."""
     lines = [header] if header else []
-    for metric, scale, label in (("acc", 100, "ACC (%) ↑"), ("ece", 1, "ECE (%) ↓"), ("nll", 1, "NLL ↓")):
-        columns = _columns(grid)
-        lines += ["", f"**{label}**", "", "| method | " + " | ".join(c[0] for c in columns) + " |",
-                  "|---|" + "---|" * len(columns)]
+    columns = _columns(grid)
+    blocks = [("acc", 100, "ACC (%) ↑", columns), ("ece", 1, "ECE (%) ↓", columns), ("nll", 1, "NLL ↓", columns),
+              ("aurc", 100, "AURC (%, selective risk by max probability) ↓", columns)]
+    ood_columns = [c for c in columns if grid.ood and c[1] == grid.ood["train"] and c[2] != c[1]]
+    blocks += [(f"auroc_{score}", 100, f"OOD AUROC (%) of {label}, {grid.ood['train']} as ID ↑", ood_columns)
+               for score, label in OOD_BLOCKS if ood_columns]
+    for metric, scale, label, block_columns in blocks:
+        lines += ["", f"**{label}**", "", "| method | " + " | ".join(c[0] for c in block_columns) + " |",
+                  "|---|" + "---|" * len(block_columns)]
         for method in grid.methods:
             cells = []
-            for _, train_task, eval_task in columns:
-                values = [r[metric] * scale for r in rows
-                          if r["method"] == method and r["train_task"] == train_task and r["eval_task"] == eval_task]
+            for _, train_task, eval_task in block_columns:
+                values = [r[metric] * scale for r in rows if r["method"] == method and r["train_task"] == train_task
+                          and r["eval_task"] == eval_task and r.get(metric) is not None]
                 cells.append(_mean_std(values))
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -22,9 +22,19 @@ def test_grid_writes_the_table_and_skips_finished_cells(tmp_path, data_dir):
     rows = run_grid(grid, tmp_path / "out", progress=False, log=lambda *_: None)
     assert len(rows) == 2 * 2 * (3 + 1)  # methods × seeds × (OBQA: ID + 2 OOD, ARC-E: ID)
     with open(tmp_path / "out" / "results.csv") as f:
-        assert len(list(csv.DictReader(f))) == len(rows)
+        saved = list(csv.DictReader(f))
+    assert len(saved) == len(rows)
+    ood = [r for r in saved if r["kind"] == "ood"]
+    assert ood and all(0 <= float(r["auroc_mutual_information"]) <= 1 for r in ood)
+    assert all(r["auroc_max_prob"] == "" for r in saved if r["kind"] == "id")  # the ID split is the reference
+    assert all(0 <= float(r["aurc"]) <= 1 and r["ace"] != "" for r in saved)
     table = (tmp_path / "out" / "table.md").read_text()
     assert "openbookqa→mmlu_college_physics" in table and "| polar-vbll |" in table and "±" in table
+    blocks = table.split("**")[1::2]
+    assert "AURC (%, selective risk by max probability) ↓" in blocks
+    assert "OOD AUROC (%) of mutual information, openbookqa as ID ↑" in blocks
+    auroc = table.split("OOD AUROC (%) of max probability")[1].split("**")[1]
+    assert auroc.strip().splitlines()[0] == "| method | openbookqa→arc_challenge | openbookqa→mmlu_college_physics |"
     assert (tmp_path / "out" / "reliability.png").stat().st_size > 0
     assert any((tmp_path / "cache").rglob("*.safetensors")), "frozen-block states cached on disk"
 
