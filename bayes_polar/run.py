@@ -9,6 +9,7 @@ ensembles keep one such set per member under ``members/<m>/``.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ from .adapters import adapter_diagnostics, load_adapters, save_adapters
 from .data.backbone import load_backbone
 from .training.checkpoint import atomic_write_json, latest_checkpoint, load_checkpoint, prepare_run_dir
 from .config import FitConfig
-from .errors import ConfigError
+from .errors import ConfigError, DataFormatError
 from .evaluation.metrics import classification_metrics, plot_elbo_trace, reliability_diagram
 from .training.faults import TrainingGuard
 from .data.features import FeatureExtractor, Features, answer_head_rows, extract_features
@@ -30,7 +31,8 @@ from .training.trainable_heads import zero_shot_weights
 from .training.methods import Ensemble, Method, attach_adapters, build_method, first_adapted_block, is_variational
 from .data.prefix_cache import CachedTrunk, model_fingerprint
 from .bll.registry import load_prior
-from .data.tasks import Task, load_task, task_spec
+from .data.tasks import Task, default_split, load_task
+from .data.user_tasks import user_task_spec
 from .training.loop import epoch_loader, fit, restore_training_state, training_state, warm_prefix_cache
 
 HELDOUT_FRACTION = 0.1  # temperature scaling fits T on this slice of the training split
@@ -47,13 +49,12 @@ class Pipeline:
     heldout: EncodedTask | None = None
 
 
-def default_split(task: str) -> str:
-    files = task_spec(task).files
-    return "validation" if "validation" in files else "test"
-
-
 def eval_targets(eval_tasks: str | None, task: str) -> list[tuple[str, str]]:
-    """``task[:split]`` entries of ``eval_tasks``; default: the training ``task``'s validation split."""
+    """``task[:split]`` entries of ``eval_tasks``; default: the training ``task``'s validation split
+    (none when the task is a single file of the user's: its questions are the training questions)."""
+    user = user_task_spec(task)
+    if not eval_tasks and user is not None and user.single_file:
+        return []
     targets = []
     for item in (eval_tasks or task).split(","):
         name, _, split = item.strip().partition(":")
@@ -110,10 +111,20 @@ def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = 
     return Pipeline(config, model, tokenizer, train, method, init, heldout)
 
 
+def file_label(task: str) -> str:
+    """A task name usable in a file name (a user's file: its stem)."""
+    name = Path(task).stem if user_task_spec(task) is not None and user_task_spec(task).files else task
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
 def encode_eval(pipe: Pipeline, task: str, split: str, data_dir=None, limit=None) -> EncodedTask:
     config = pipe.config
-    encoded = encode_task(load_task(task, split, data_dir or config.data_dir, limit=limit or config.eval_limit),
-                          pipe.tokenizer, config.format, config.max_length)
+    loaded = load_task(task, split, data_dir or config.data_dir, limit=limit or config.eval_limit)
+    unlabelled = sum(e.label is None for e in loaded.examples)
+    if unlabelled:
+        raise DataFormatError(f"{loaded.source}: {unlabelled} of {len(loaded)} questions have no answer, so they "
+                              "cannot be scored; use bayes-polar predict (Predictor) for questions without answers")
+    encoded = encode_task(loaded, pipe.tokenizer, config.format, config.max_length)
     if config.format == "letters" and encoded.answer_ids != pipe.train.answer_ids:
         raise ConfigError(f"{task} answers with {encoded.task.answer_words}, the head was trained on "
                           f"{pipe.train.task.answer_words}: letters-format heads only transfer between tasks "
@@ -128,7 +139,7 @@ def _cache_file(pipe: Pipeline, encoded: EncodedTask) -> Path | None:
     if not pipe.config.cache_dir or not isinstance(trunk, CachedTrunk):
         return None
     key = model_fingerprint(pipe.model, trunk.start_layer, trunk.dtype)
-    name = f"{encoded.task.name}-{encoded.task.split}-{encoded.format}-{encoded.max_length}-{len(encoded)}"
+    name = f"{file_label(encoded.task.name)}-{encoded.task.split}-{encoded.format}-{encoded.max_length}-{len(encoded)}"
     return Path(pipe.config.cache_dir).expanduser() / key / f"{name}.safetensors"
 
 
@@ -230,6 +241,14 @@ def _fit_ensemble(config: FitConfig, run_dir: Path, resume: bool, progress: bool
                   "trace_name": "nll_trace", "trace": trace}
 
 
+def check_buildable(config: FitConfig) -> None:
+    """Build the prior and the guide builder once: a bad name, file or argument fails here, not mid-run."""
+    from .bll.registry import load_guide
+
+    load_prior(config.prior, **config.prior_kwargs)
+    load_guide(config.guide, **config.guide_kwargs)
+
+
 def run_fit(config: FitConfig, out, overwrite: bool = False, resume: bool = False, progress: bool = True,
             log=print) -> dict:
     """Train ``config`` into RUN_DIR ``out`` (resuming from its latest checkpoint if asked).
@@ -237,6 +256,7 @@ def run_fit(config: FitConfig, out, overwrite: bool = False, resume: bool = Fals
     Under torchrun (:mod:`bayes_polar.training.distributed`) every process trains; rank 0 writes RUN_DIR and
     evaluates, and the other ranks return ``{}`` after training.
     """
+    check_buildable(config)  # before RUN_DIR exists
     run_dir = ddp.on_main(_prepare_run, out, config, overwrite, resume)
     if config.method == "lora-ensemble":
         pipe, info = _fit_ensemble(config, run_dir, resume, progress, log)
@@ -311,7 +331,7 @@ def evaluate_into(pipe: Pipeline, run_dir: Path, metrics: dict, targets, data_di
         metrics["evaluations"][f"{task}/{split}"] = {**metrics_of(predictions), "truncated": encoded.num_truncated,
                                                      "dropped": encoded.task.dropped}
         save_predictions(run_dir / "predictions.safetensors", f"{task}/{split}", predictions)
-        name = task if split == default_split(task) else f"{task}_{split}"
+        name = file_label(task) if split == default_split(task) else f"{file_label(task)}_{split}"
         reliability_diagram(predictions["predictive"], predictions["labels"], run_dir / f"reliability_{name}.png",
                             title=f"{pipe.config.method} on {task}/{split}")
 
