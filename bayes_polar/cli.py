@@ -68,6 +68,13 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from .export import export_run
+
+    export_run(args.run_dir, args.out, overwrite=args.overwrite)
+    return 0
+
+
 def _cmd_table(args) -> int:
     from .evaluation.table import Grid, run_grid
 
@@ -121,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-dir", default=None, help="local data mirror (default: the run's or $BAYES_POLAR_DATA)")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    export = sub.add_parser("export", help="write a merged Hugging Face model, the last layer (and a peft "
+                            "adapter for LoRA methods) and a model card")
+    export.add_argument("run_dir", help="a RUN_DIR written by bayes-polar fit")
+    export.add_argument("--out", required=True, help="output folder (model/, head/, peft/, README.md)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    export.set_defaults(func=_cmd_export)
 
     table = sub.add_parser("table", help="run a grid of methods x tasks x seeds and write the results table")
     table.add_argument("--config", required=True, help="grid JSON (see benchmarks/configs/)")
