@@ -1,8 +1,10 @@
 """Run a configuration end to end: build, train (resumable), evaluate, and write RUN_DIR.
 
 RUN_DIR holds ``config.json`` (everything needed to rerun), ``metrics.json`` (per evaluated
-task/split: acc, ece, nll, brier, n for the method, its point prediction and the zero-shot LM;
-the adapters' stable rank and orthogonality error; the ELBO trace), ``reliability_<task>.png``,
+task/split: acc, ece, ace, mce, cw_ece, nll, brier, n for the method, its point prediction and the
+zero-shot LM; the method's selective prediction and mean uncertainty scores; for splits other than
+the training task's, OOD detection AUROC/AUPR per score against it; the adapters' stable rank and
+orthogonality error; the ELBO trace), ``reliability_<task>.png``, ``selective_<task>.png``,
 ``elbo.png``, ``adapters.safetensors``, ``head.safetensors`` and ``checkpoints/``. Deep
 ensembles keep one such set per member under ``members/<m>/``.
 """
@@ -24,6 +26,9 @@ from .training.checkpoint import atomic_write_json, latest_checkpoint, load_chec
 from .config import FitConfig
 from .errors import ConfigError, DataFormatError
 from .evaluation.metrics import classification_metrics, plot_elbo_trace, reliability_diagram
+from .evaluation.ood import ood_detection
+from .evaluation.selective import plot_selective, selective_curve, selective_metrics
+from .evaluation.uncertainty import uncertainty_scores
 from .training.faults import TrainingGuard
 from .data.features import FeatureExtractor, Features, answer_head_rows, extract_features
 from .data.formats import EncodedTask, encode_task, make_loader
@@ -337,24 +342,60 @@ def split_features(pipe: Pipeline, task: str | None = None, split: str | None = 
 
 @torch.no_grad()
 def predict(pipe: Pipeline, encoded: EncodedTask, num_samples: int, progress: bool = False) -> dict:
-    """Predictive, point and zero-shot probabilities over an encoded split, with its labels."""
+    """Predictive, point and zero-shot probabilities (N, C) over an encoded split, its labels (N,),
+    and ``scores``: the per-question uncertainty scores of the method
+    (:func:`~bayes_polar.evaluation.uncertainty.uncertainty_scores`, each (N,))."""
     loader = make_loader(encoded, pipe.tokenizer, batch_size=pipe.config.eval_batch_size)
     out = {"predictive": [], "point": [], "zero_shot": [], "labels": []}
+    scores = {}
     for batch in tqdm(loader, desc=f"eval {encoded.task.name}", disable=not progress, leave=False):
-        predictive, point = pipe.method.predict(batch, num_samples)
-        out["predictive"].append(predictive)
-        out["point"].append(point)
+        drawn = pipe.method.predict_samples(batch, num_samples)
+        out["predictive"].append(drawn["samples"].mean(0))
+        out["point"].append(drawn["point"])
         out["zero_shot"].append(pipe.method.zero_shot_proba(batch, pipe.zero_shot))
         out["labels"].append(batch.labels)
-    return {k: torch.cat(v) for k, v in out.items()}
+        for name, value in uncertainty_scores(drawn["samples"], drawn["mask"], drawn["logit_var"]).items():
+            scores.setdefault(name, []).append(value)
+    result = {k: torch.cat(v) for k, v in out.items()}
+    result["scores"] = {k: torch.cat(v) for k, v in scores.items()}
+    return result
 
 
 def metrics_of(predictions: dict) -> dict:
+    """Calibration metrics of the method, its point prediction and the zero-shot LM; the method's
+    selective prediction (ranked by max probability) and mean uncertainty scores."""
     labels = predictions["labels"]
     result = classification_metrics(predictions["predictive"], labels)
     result["point"] = classification_metrics(predictions["point"], labels)
     result["zero_shot"] = classification_metrics(predictions["zero_shot"], labels)
+    result["selective"] = selective_metrics(predictions["predictive"], labels)
+    if predictions.get("scores"):
+        result["uncertainty"] = {name: float(value.mean()) for name, value in predictions["scores"].items()}
     return result
+
+
+def ood_into(run_dir: Path, metrics: dict, id_key: str) -> None:
+    """OOD detection of every evaluated split against the in-distribution split ``id_key``
+    (:func:`~bayes_polar.evaluation.ood.ood_detection` on the scores in ``predictions.safetensors``):
+    ``evaluations[<split>]["ood"] = {"against": id_key, "auroc": {score: ..}, "aupr": {score: ..}}``."""
+    from safetensors.torch import load_file
+
+    path = run_dir / "predictions.safetensors"
+    if id_key not in metrics["evaluations"] or not path.exists():
+        return
+    saved = load_file(path)
+
+    def scores(key):
+        prefix = f"{key}/scores/"
+        return {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
+
+    reference = scores(id_key)
+    for key, result in metrics["evaluations"].items():
+        other = scores(key)
+        if key == id_key or not reference or not other:
+            continue
+        detection = ood_detection(reference, other)
+        result["ood"] = {"against": id_key, **{m: {name: d[m] for name, d in detection.items()} for m in ("auroc", "aupr")}}
 
 
 def evaluate_into(pipe: Pipeline, run_dir: Path, metrics: dict, targets, data_dir=None, limit=None,
@@ -369,15 +410,21 @@ def evaluate_into(pipe: Pipeline, run_dir: Path, metrics: dict, targets, data_di
         name = file_label(task) if split == default_split(task) else f"{file_label(task)}_{split}"
         reliability_diagram(predictions["predictive"], predictions["labels"], run_dir / f"reliability_{name}.png",
                             title=f"{pipe.config.method} on {task}/{split}")
+        curves = {pipe.config.method: selective_curve(predictions["predictive"], predictions["labels"]),
+                  "zero-shot": selective_curve(predictions["zero_shot"], predictions["labels"])}
+        plot_selective(curves, run_dir / f"selective_{name}.png", title=f"{pipe.config.method} on {task}/{split}")
+    ood_into(run_dir, metrics, f"{pipe.config.task}/{default_split(pipe.config.task)}")
 
 
 def save_predictions(path: Path, key: str, predictions: dict) -> None:
-    """Add ``<key>/probs``, ``<key>/point`` and ``<key>/labels`` to a safetensors file of predictions."""
+    """Add ``<key>/probs``, ``<key>/point``, ``<key>/labels`` and ``<key>/scores/<name>`` (uncertainty
+    scores per question) to a safetensors file of predictions."""
     from safetensors.torch import load_file, save_file
 
     saved = load_file(path) if path.exists() else {}
     saved.update({f"{key}/probs": predictions["predictive"], f"{key}/point": predictions["point"],
                   f"{key}/labels": predictions["labels"]})
+    saved.update({f"{key}/scores/{name}": value for name, value in predictions.get("scores", {}).items()})
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in saved.items()}, tmp)
     tmp.replace(path)

@@ -14,11 +14,14 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 from bayes_polar.errors import NumericalError, ShapeMismatchError
 from bayes_polar.evaluation.metrics import (
     accuracy,
+    adaptive_calibration_error,
     brier_score,
     calibration_bins,
     classification_metrics,
+    classwise_calibration_error,
     confidence_histogram,
     expected_calibration_error,
+    maximum_calibration_error,
     negative_log_likelihood,
     plot_elbo_trace,
     plot_reliability_diagrams,
@@ -29,9 +32,9 @@ F64 = torch.float64
 PROPERTY = settings(max_examples=60, deadline=None)
 
 
-def _tm_ece(probs, labels, n_bins):
-    """torchmetrics' L1 top-label ECE, in percent."""
-    return 100 * float(multiclass_calibration_error(probs, labels, probs.shape[1], n_bins=n_bins, norm="l1"))
+def _tm_ece(probs, labels, n_bins, norm="l1"):
+    """torchmetrics' top-label ECE (``norm="max"``: MCE), in percent."""
+    return 100 * float(multiclass_calibration_error(probs, labels, probs.shape[1], n_bins=n_bins, norm=norm))
 
 
 # ----------------------------------------------------------------------------- hand-computed
@@ -100,8 +103,9 @@ def test_confidence_one_is_its_own_cell_like_torchmetrics():
 
 def test_metrics_dict_is_plain_python():
     m = classification_metrics(SMALL_P, SMALL_Y, n_bins=5)
-    assert set(m) == {"acc", "ece", "nll", "brier", "n"}
-    assert all(type(m[k]) is float for k in ("acc", "ece", "nll", "brier")) and type(m["n"]) is int
+    assert set(m) == {"acc", "ece", "ace", "mce", "cw_ece", "nll", "brier", "n"}
+    assert all(type(m[k]) is float for k in ("acc", "ece", "ace", "mce", "cw_ece", "nll", "brier"))
+    assert type(m["n"]) is int
     assert m["ece"] == pytest.approx(15.0) and m["n"] == 4
 
 
@@ -120,6 +124,21 @@ def _random_case(seed, n=400, c=5):
 def test_ece_agrees_with_torchmetrics(n_bins, seed):
     probs, labels = _random_case(seed)
     assert expected_calibration_error(probs, labels, n_bins) == pytest.approx(_tm_ece(probs, labels, n_bins), abs=1e-3)
+    assert maximum_calibration_error(probs, labels, n_bins) == pytest.approx(
+        _tm_ece(probs, labels, n_bins, "max"), abs=1e-3)
+
+
+def test_mce_ace_and_classwise_by_hand():
+    # SMALL_P, 5 equal-width bins: gaps .175 (rows 1, 2) and .125 (rows 0, 3) -> MCE 17.5 %
+    assert maximum_calibration_error(SMALL_P, SMALL_Y, n_bins=5) == pytest.approx(17.5)
+    # equal mass, 2 bins: sorted conf .65 (wrong) .7 | .85 .9 -> |.5 - .675| * 2/4 + |1 - .875| * 2/4 = .15
+    assert adaptive_calibration_error(SMALL_P, SMALL_Y, n_bins=2) == pytest.approx(15.0)
+    # as many bins as examples: mean |conf - correct| = (.1 + .65 + .3 + .15) / 4 = .3
+    assert adaptive_calibration_error(SMALL_P, SMALL_Y, n_bins=4) == pytest.approx(30.0)
+    assert adaptive_calibration_error(SMALL_P, SMALL_Y, n_bins=1) == pytest.approx(
+        expected_calibration_error(SMALL_P, SMALL_Y, n_bins=1))
+    # classwise, 1 bin: class 0: |freq 2/4 - mean p (.9+.35+.3+.15)/4 = .425| = .075; class 1: the same -> 7.5 %
+    assert classwise_calibration_error(SMALL_P, SMALL_Y, n_bins=1) == pytest.approx(7.5)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -189,7 +208,9 @@ def _all(probs, labels, n_bins=15):
 def test_ranges(case, n_bins):
     m = _all(*case, n_bins)
     assert 0 <= m["acc"] <= 1
-    assert 0 <= m["ece"] <= 100
+    for key in ("ece", "ace", "mce", "cw_ece"):
+        assert 0 <= m[key] <= 100 + 1e-9, key
+    assert m["ece"] <= m["mce"] + 1e-9  # a weighted mean of gaps never exceeds their maximum
     assert m["nll"] >= 0
     assert 0 <= m["brier"] <= 2 + 1e-12
 
@@ -221,6 +242,7 @@ def test_perfect_one_hot_predictions(n, c, data):
     probs = torch.nn.functional.one_hot(labels, c).double()
     m = _all(probs, labels, data.draw(st.integers(1, 30)))
     assert m["acc"] == 1 and m["ece"] == 0 and m["brier"] == 0
+    assert m["ace"] == m["mce"] == m["cw_ece"] == 0
     assert m["nll"] == pytest.approx(0, abs=1e-12)
 
 
@@ -230,6 +252,8 @@ def test_torchmetrics_agreement_property(case, n_bins):
     probs, labels = case
     padded = torch.cat([probs, torch.zeros(len(probs), 1, dtype=F64)], dim=1)  # torchmetrics needs C >= 2
     assert expected_calibration_error(probs, labels, n_bins) == pytest.approx(_tm_ece(padded, labels, n_bins), abs=1e-3)
+    assert maximum_calibration_error(probs, labels, n_bins) == pytest.approx(
+        _tm_ece(padded, labels, n_bins, "max"), abs=1e-3)
 
 
 @PROPERTY
@@ -247,8 +271,9 @@ def test_ece_between_one_bin_and_per_example_gaps(case, n_bins):
 @given(cases(), st.integers(2, 4))
 def test_invariant_to_repeating_the_data(case, copies):
     probs, labels = case
-    assert _all(probs.repeat(copies, 1), labels.repeat(copies)) == pytest.approx(
-        {**_all(probs, labels), "n": copies * len(labels)}, abs=1e-9)
+    repeated, once = _all(probs.repeat(copies, 1), labels.repeat(copies)), _all(probs, labels)
+    repeated.pop("ace"), once.pop("ace")  # equal-mass bins hold N/M examples: they change with N
+    assert repeated == pytest.approx({**once, "n": copies * len(labels)}, abs=1e-9)
 
 
 @PROPERTY

@@ -47,11 +47,11 @@ def test_groups_dims_and_shapes_options():
     assert set(idata.groups()) == {"posterior", "posterior_predictive", "log_likelihood", "observed_data",
                                    "constant_data"}
     W = idata.posterior["W"]
-    assert W.dims == ("chain", "draw", "class", "feature") and W.shape == (1, S, 1, D)
+    assert W.dims == ("chain", "draw", "class", "feature") and W.shape == (2, S, 1, D)
     assert list(W["class"].values) == ["class_0"] and list(W["feature"].values) == feature_names(D)
     pp = idata.posterior_predictive
-    assert pp["y"].dims == ("chain", "draw", "question") and pp["y"].shape == (1, S, B)
-    assert pp["proba"].dims == ("chain", "draw", "question", "choice") and pp["proba"].shape == (1, S, B, C)
+    assert pp["y"].dims == ("chain", "draw", "question") and pp["y"].shape == (2, S, B)
+    assert pp["proba"].dims == ("chain", "draw", "question", "choice") and pp["proba"].shape == (2, S, B, C)
     np.testing.assert_allclose(pp["proba"].sum("choice"), 1.0, atol=1e-5)
     assert (pp["proba"].values[:, :, :5, -1] == 0).all() and (pp["y"].values[:, :, :5] < C - 1).all()
     assert list(pp["choice"].values) == list("ABCD")
@@ -59,15 +59,15 @@ def test_groups_dims_and_shapes_options():
     assert idata.observed_data["y"].shape == (B,) and (idata.observed_data["y"].values == y.numpy()).all()
     assert idata.constant_data["mask"].dims == ("question", "choice")
     # log p(y_t | W_s) is the per-draw probability of the observed label
-    chosen = np.take_along_axis(pp["proba"].values[0], y.numpy()[None, :, None], -1)[..., 0]
-    np.testing.assert_allclose(np.exp(idata.log_likelihood["y"].values[0]), chosen, rtol=1e-4)
+    chosen = np.take_along_axis(pp["proba"].values, y.numpy()[None, None, :, None], -1)[..., 0]
+    np.testing.assert_allclose(np.exp(idata.log_likelihood["y"].values), chosen, rtol=1e-4)
 
 
 def test_weight_draws_match_the_guide():
     head, guide, phi, mask, y = fitted()
     idata = to_inference_data(head, guide, phi, mask, y, num_draws=4000)
     q = weight_posterior(guide)
-    draws = torch.as_tensor(idata.posterior["W"].values[0])  # (S, 1, D)
+    draws = torch.as_tensor(idata.posterior["W"].values).flatten(0, 1)  # (chains * S, 1, D)
     sd = q.variance().sqrt().detach()
     assert ((draws.mean(0) - q.loc.detach()).abs() / sd).max() < 0.1
     torch.testing.assert_close(draws.std(0), sd, rtol=0.1, atol=0)
@@ -78,9 +78,9 @@ def test_weight_draws_match_the_guide():
 def test_letters_classes_and_shared_features():
     head, guide, phi, mask, y = fitted(rows=C)
     idata = to_inference_data(head, guide, phi, mask, y, num_draws=50, class_names=list("ABCD"))
-    assert idata.posterior["W"].shape == (1, 50, C, D)
+    assert idata.posterior["W"].shape == (2, 50, C, D)
     assert list(idata.posterior["class"].values) == list("ABCD")
-    assert idata.posterior_predictive["proba"].shape == (1, 50, B, C)
+    assert idata.posterior_predictive["proba"].shape == (2, 50, B, C)
 
 
 def test_summary_forest_and_loo_run_headless(tmp_path):
@@ -98,7 +98,7 @@ def test_summary_forest_and_loo_run_headless(tmp_path):
     loo, waic = az.loo(idata), az.waic(idata)
     assert np.isfinite(loo.elpd_loo) and np.isfinite(waic.elpd_waic)
     assert loo.n_data_points == B
-    lppd = np.log(np.exp(idata.log_likelihood["y"].values[0]).mean(0)).sum()
+    lppd = np.log(np.exp(idata.log_likelihood["y"].values).mean((0, 1))).sum()
     assert loo.elpd_loo <= lppd + 1e-6  # leave-one-out never beats in-sample
 
 
@@ -108,7 +108,7 @@ def test_feature_selection_top_k_and_by_name():
     idata = to_inference_data(head, guide, phi, mask, y, num_draws=S, features=2)
     top = sorted(torch.topk(loc.abs(), 2).indices.tolist())
     assert list(idata.posterior["feature"].values) == [f"phi_{i}" for i in top]
-    assert idata.posterior_predictive["proba"].shape == (1, S, B, C)  # the predictive still uses all of W
+    assert idata.posterior_predictive["proba"].shape == (2, S, B, C)  # the predictive still uses all of W
     named = to_inference_data(head, guide, phi, mask, y, num_draws=10, features=["phi_5", 0])
     assert list(named.posterior["feature"].values) == ["phi_5", "phi_0"]
     with pytest.raises(ConfigError, match="Unknown feature 'nope'"):
@@ -121,14 +121,14 @@ def test_feature_selection_top_k_and_by_name():
 def test_every_guide_converts(name):
     head, guide, phi, mask, y = fitted(guide=name, steps=3)
     idata = to_inference_data(head, guide, phi, mask, y, num_draws=20)
-    assert idata.posterior["W"].shape == (1, 20, 1, D)
+    assert idata.posterior["W"].shape == (2, 20, 1, D)
 
 
 def test_hyperparameters_join_the_posterior_without_auxiliary_sites():
     head, guide, phi, mask, y = fitted(prior=ARDPrior(), estimator="mc", steps=5)
     idata = to_inference_data(head, guide, phi, mask, y, num_draws=30)
     assert set(idata.posterior.data_vars) == {"W", "ard_scale"}
-    assert idata.posterior["ard_scale"].shape == (1, 30, D)
+    assert idata.posterior["ard_scale"].shape == (2, 30, D)
     assert (idata.posterior["ard_scale"].values > 0).all()
 
 
@@ -143,7 +143,7 @@ def test_variational_head_and_gaussian_weights_sources():
         head.guide_step(features, y)
     from_head = to_inference_data(head, phi=features, labels=y, num_draws=25)
     from_weights = to_inference_data(head.posterior(), phi=phi, mask=mask, labels=y, num_draws=25)
-    assert from_head.posterior["W"].shape == from_weights.posterior["W"].shape == (1, 25, 1, D)
+    assert from_head.posterior["W"].shape == from_weights.posterior["W"].shape == (2, 25, 1, D)
     posterior_only = to_inference_data(head.posterior(), num_draws=5)
     assert set(posterior_only.groups()) == {"posterior"}
 
@@ -187,3 +187,56 @@ def test_draw_logits_matches_head_logits():
     letters_phi = phi[:, :1]
     weights = torch.randn(7, C, D)
     torch.testing.assert_close(draw_logits(weights, letters_phi), head_logits(weights.unsqueeze(1), letters_phi))
+
+
+def _trained_head(prior, seed, steps=40):
+    """A VariationalHead fitted on its own problem; its guide lives in the head's parameter store."""
+    from bayes_polar.data.features import Features
+
+    phi, mask, y = problem(seed=seed)
+    y = (y + seed) % (C - 1)
+    head = VariationalHead(D, 1, prior, "full", dataset_size=B, lr=0.05)
+    features = Features(phi, mask)
+    head.setup(features, y)
+    for _ in range(steps):
+        head.guide_step(features, y)
+    return head, features, y
+
+
+def test_two_heads_in_one_process_each_inference_data_matches_its_own_guide():
+    """Regression: the inspection path read the guide outside the head's store and returned the first
+    posterior it saw for every later head in the process."""
+    heads = [_trained_head(IsotropicPrior(1.0), seed=0), _trained_head(IsotropicPrior(0.05), seed=1)]
+    idatas = [to_inference_data(head, phi=features, labels=y, num_draws=2000) for head, features, y in heads]
+    for (head, _, _), idata in zip(heads, idatas):
+        q = head.posterior()
+        draws = torch.as_tensor(idata.posterior["W"].values).flatten(0, 1)  # (chains * draws, 1, D)
+        sd = q.variance().sqrt().detach()
+        assert ((draws.mean(0) - q.loc.detach()).abs() / sd).max() < 0.15
+        torch.testing.assert_close(draws.std(0), sd, rtol=0.15, atol=0)
+    first, second = (torch.as_tensor(i.posterior["W"].values) for i in idatas)
+    assert (first.mean((0, 1)) - second.mean((0, 1))).abs().max() > 3 * first.std((0, 1)).max()  # distinct posteriors
+
+
+def test_default_draws_are_two_chains_and_az_summary_is_quiet(recwarn):
+    head, guide, phi, mask, y = fitted()
+    idata = to_inference_data(head, guide, phi, mask, y, num_draws=S)
+    assert idata.posterior.sizes["chain"] == 2 and idata.attrs["chains"] == 2
+    table = az.summary(idata, var_names=["W"])  # ArviZ's defaults: kind="all", r_hat and ESS
+    assert not [w for w in recwarn if "Shape validation" in str(w.message)]
+    assert np.isfinite(table["r_hat"]).all() and (table["r_hat"] < 1.05).all()  # iid draws: r_hat ≈ 1
+    assert (table["ess_bulk"] > 0.5 * 2 * S).all()
+    one = to_inference_data(head, guide, phi, mask, y, num_draws=S, chains=1)
+    assert one.posterior["W"].shape == (1, S, 1, D)
+
+
+def test_nothing_is_written_unless_asked(tmp_path, monkeypatch):
+    head, guide, phi, mask, y = fitted()
+    monkeypatch.chdir(tmp_path)
+    to_inference_data(head, guide, phi, mask, y, num_draws=10)
+    assert list(tmp_path.iterdir()) == []
+    path = tmp_path / "q.nc"
+    idata = to_inference_data(head, guide, phi, mask, y, num_draws=10, save=path)
+    np.testing.assert_array_equal(load_inference_data(path).posterior["W"].values, idata.posterior["W"].values)
+    with pytest.raises(ConfigError, match="save=PATH"):
+        to_inference_data(head, guide, phi, mask, y, num_draws=10, save=True)

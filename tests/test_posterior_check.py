@@ -119,15 +119,17 @@ def test_posterior_check_and_inference_data_of_a_tiny_run(tmp_path, data_dir, ca
     run_fit(config, run, progress=False, log=lambda *_: None)
 
     idata = to_inference_data(run, num_draws=40, features=5)
-    assert idata.posterior["W"].shape == (1, 40, 1, 5) and list(idata.posterior["class"].values) == ["shared"]
+    assert not list(run.glob("*.nc"))  # nothing written unless asked
+    idata = to_inference_data(run, num_draws=40, features=5, save=True)
+    assert idata.posterior["W"].shape == (2, 40, 1, 5) and list(idata.posterior["class"].values) == ["shared"]
     assert idata.posterior_predictive["proba"].dims == ("chain", "draw", "question", "choice")
     assert idata.observed_data["y"].shape == (8,) and idata.attrs["split"] == "validation"
     assert idata.sample_stats["elbo"].shape == (6,)
     assert idata.sample_stats["stable_rank"].dims == ("layer",) and idata.sample_stats["layer"].size == 2
     assert (idata.sample_stats["orthogonality_error_X"].values < 1e-5).all()
-    assert load_inference_data(run / "posterior_arc_easy_validation.nc").posterior["W"].shape == (1, 40, 1, 5)
+    assert load_inference_data(run / "posterior_arc_easy_validation.nc").posterior["W"].shape == (2, 40, 1, 5)
     train = to_inference_data(run, split="train", limit=10, num_draws=20, save=False)
-    assert train.log_likelihood["y"].shape == (1, 20, 10)
+    assert train.log_likelihood["y"].shape == (2, 20, 10)
 
     code = main(["posterior-check", str(run), "--limit", "16", "--eval-limit", "8", "--dims", "6",
                  "--num-samples", "60", "--warmup", "60", "--vi-steps", "200", "--quiet"])

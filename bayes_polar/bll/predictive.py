@@ -38,10 +38,22 @@ def sample_logits(q: GaussianWeights, phi, mask=None, num_samples: int = DEFAULT
     return logits
 
 
+def sample_proba(q: GaussianWeights, phi, mask=None, num_samples: int = DEFAULT_NUM_SAMPLES,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """(S, B, C) per-draw probabilities softmax(z_s), z_s sampled by :func:`sample_logits`."""
+    return sample_logits(q, phi, mask, num_samples, generator).softmax(-1)
+
+
 def predictive_proba(q: GaussianWeights, phi, mask=None, num_samples: int = DEFAULT_NUM_SAMPLES,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, C) posterior predictive probabilities, averaging softmax over sampled logits."""
-    return sample_logits(q, phi, mask, num_samples, generator).softmax(-1).mean(0)
+    return sample_proba(q, phi, mask, num_samples, generator).mean(0)
+
+
+def logit_variance(q: GaussianWeights, phi, mask=None) -> torch.Tensor:
+    """(B, C) marginal logit variances Var(z_c) = φ_cᵀ Σ_{k(c)} φ_c under q; 0 on missing choices."""
+    var = q.logit_moments(phi)[1].diagonal(dim1=-2, dim2=-1)
+    return var if mask is None else var * mask
 
 
 def mean_proba(q: GaussianWeights, phi, mask=None) -> torch.Tensor:
@@ -51,10 +63,16 @@ def mean_proba(q: GaussianWeights, phi, mask=None) -> torch.Tensor:
 
 
 @torch.no_grad()
+def pyro_sample_proba(guide, phi, mask=None, num_samples: int = DEFAULT_NUM_SAMPLES) -> torch.Tensor:
+    """(S, B, C) per-draw probabilities for any guide: W drawn by ``pyro.infer.Predictive``."""
+    weights = sample_weights(guide, phi, mask, num_samples=num_samples)  # (S, K, D)
+    return head_logits(weights.unsqueeze(1), phi, mask).softmax(-1)
+
+
+@torch.no_grad()
 def pyro_predictive_proba(guide, phi, mask=None, num_samples: int = DEFAULT_NUM_SAMPLES) -> torch.Tensor:
     """(B, C) predictive probabilities for any guide: W drawn by ``pyro.infer.Predictive``."""
-    weights = sample_weights(guide, phi, mask, num_samples=num_samples)  # (S, K, D)
-    return head_logits(weights.unsqueeze(1), phi, mask).softmax(-1).mean(0)
+    return pyro_sample_proba(guide, phi, mask, num_samples).mean(0)
 
 
 @torch.no_grad()

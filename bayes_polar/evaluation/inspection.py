@@ -6,7 +6,8 @@ or a bare head + guide + features, into an ``arviz.InferenceData`` with the grou
 =====================  ==========================================  =====================================
 group                  variables (dims)                            what
 =====================  ==========================================  =====================================
-posterior              ``W`` (chain, draw, class, feature)         draws of the last-layer weights;
+posterior              ``W`` (chain, draw, class, feature)         iid draws of the last-layer weights
+                                                                   (2 chains by default);
                        hyperparameter sites, if any                classes: answer words (``letters``)
                                                                    or ``"shared"`` (``options``)
 posterior_predictive   ``y`` (chain, draw, question)               a label drawn per weight draw
@@ -29,8 +30,8 @@ Only this module imports ArviZ (a move to arviz 1.x touches only this file).
 
 Usage::
 
-    idata = to_inference_data("runs/arc", split="validation", features=20)   # also writes a .nc
-    az.summary(idata, var_names=["W"]); az.loo(idata)
+    idata = to_inference_data("runs/arc", split="validation", features=20)   # save=True: also a .nc in the run
+    az.summary(idata, var_names=["W"]); az.loo(idata)                          # 2 chains: r_hat, ESS defined
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ from ..bll.posterior import WEIGHT_SITE, GaussianWeights, check_head_shapes
 from ..data.tasks import LETTERS
 
 DEFAULT_NUM_DRAWS = 1000
+DEFAULT_CHAINS = 2  # iid guide draws split into chains: az.summary's r_hat / ESS are defined (and ≈ 1 / ≈ S)
 LOGLIK_FEATURES = ("loglik_sum", "loglik_mean")
 
 
@@ -75,15 +77,21 @@ def draw_logits(weights: torch.Tensor, phi: torch.Tensor, mask: torch.Tensor | N
 def guide_draws(posterior, phi=None, mask=None, num_draws: int = DEFAULT_NUM_DRAWS, seed: int = 0) -> dict:
     """Posterior draws ``{site: (S, ...)}`` with ``head.W`` shaped (S, K, D).
 
-    ``posterior`` is a guide (any Pyro guide of the head: its latent sites are drawn by
-    ``pyro.infer.Predictive``) or :class:`~bayes_polar.bll.posterior.GaussianWeights` (e.g. a
-    Laplace posterior). The global RNG is left as it was; ``seed`` fixes the draws.
+    ``posterior`` is a :class:`~bayes_polar.training.trainable_heads.VariationalHead` (its guide is
+    read inside the head's own parameter store), a guide (any Pyro guide of the head, parameters in
+    the global store: its latent sites are drawn by ``pyro.infer.Predictive``) or
+    :class:`~bayes_polar.bll.posterior.GaussianWeights` (e.g. a Laplace posterior). The global RNG
+    is left as it was; ``seed`` fixes the draws.
     """
     from pyro import poutine
     from pyro.infer import Predictive
+    from ..training.trainable_heads import VariationalHead
 
     if num_draws < 1:
         raise ConfigError(f"Expected num_draws >= 1 but got {num_draws}")
+    if isinstance(posterior, VariationalHead):  # outside its scope the guide reads another head's parameters
+        with posterior.scope():
+            return guide_draws(posterior.guide, phi, mask, num_draws, seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         if isinstance(posterior, GaussianWeights):
@@ -97,6 +105,18 @@ def guide_draws(posterior, phi=None, mask=None, num_draws: int = DEFAULT_NUM_DRA
     out = {name: value.detach().reshape(num_draws, *value.shape[1:]) for name, value in draws.items()}
     weights = out[WEIGHT_SITE]
     out[WEIGHT_SITE] = weights.reshape(num_draws, *weights.shape[-2:])
+    return out
+
+
+def split_chains(draws: dict, chains: int) -> dict:
+    """``{site: (S, ...)}`` → ``{site: (chains, S / chains, ...)}``; S must divide evenly."""
+    if chains < 1:
+        raise ConfigError(f"Expected chains >= 1 but got {chains}")
+    out = {}
+    for name, value in draws.items():
+        if value.shape[0] % chains:
+            raise ConfigError(f"{value.shape[0]} draws do not split into {chains} chains")
+        out[name] = value.reshape(chains, value.shape[0] // chains, *value.shape[1:])
     return out
 
 
@@ -238,8 +258,9 @@ def _clean_attrs(attrs) -> dict:
 # ----------------------------------------------------------------------------- the public entry point
 def to_inference_data(source, guide=None, phi=None, mask=None, labels=None, *, task: str | None = None,
                       split: str | None = None, limit: int | None = None, features=None,
-                      num_draws: int = DEFAULT_NUM_DRAWS, class_names=None, feature_names=None,
-                      run_dir=None, data_dir=None, save: bool = True, seed: int = 0, progress: bool = False):
+                      num_draws: int = DEFAULT_NUM_DRAWS, chains: int = DEFAULT_CHAINS, class_names=None,
+                      feature_names=None, run_dir=None, data_dir=None, save=False, seed: int = 0,
+                      progress: bool = False):
     """An ``arviz.InferenceData`` of the last layer's posterior (groups: see the module docstring).
 
     Parameters
@@ -259,13 +280,15 @@ def to_inference_data(source, guide=None, phi=None, mask=None, labels=None, *, t
         evaluation split; ``split="train"`` gives the data the posterior was fitted on).
     features : None, int or list
         Features of W kept in the posterior group: all, the top-k by |mean|, or names/indices.
-    num_draws : int
-        Posterior draws S.
+    num_draws, chains : int
+        Posterior draws per chain and chains (``chains × num_draws`` iid draws in all; two chains
+        make ``az.summary``'s r_hat and ESS meaningful: ≈ 1 and ≈ the number of draws).
     run_dir : path, optional
-        Pipelines: where ``metrics.json`` is read (ELBO trace, adapter diagnostics) and the
-        NetCDF is written. A RUN_DIR source sets it.
-    save : bool
-        With a run directory, write ``posterior_<task>_<split>.nc`` into it.
+        Pipelines: where ``metrics.json`` is read (ELBO trace, adapter diagnostics) and where
+        ``save=True`` writes. A RUN_DIR source sets it.
+    save : bool or path
+        Nothing is written by default. ``True``: write ``posterior_<task>_<split>.nc`` into the run
+        directory; a path: write the NetCDF there.
 
     Returns
     -------
@@ -278,13 +301,20 @@ def to_inference_data(source, guide=None, phi=None, mask=None, labels=None, *, t
 
         run_dir, source = Path(source), load_run(source, data_dir)
     if isinstance(source, Pipeline):
-        return _from_pipeline(source, run_dir, task, split, limit, data_dir, features, num_draws, save, seed, progress)
+        return _from_pipeline(source, run_dir, task, split, limit, data_dir, features, num_draws, chains, save,
+                              seed, progress)
     posterior, phi, mask = _bare_posterior(source, guide, phi, mask)
-    draws = guide_draws(posterior, phi, mask, num_draws, seed)
+    draws = split_chains(guide_draws(posterior, phi, mask, chains * num_draws, seed), chains)
     weights = draws.pop(WEIGHT_SITE)
-    return from_weight_draws(weights, phi, mask, labels, extra={k: v.unsqueeze(0) for k, v in draws.items()},
-                             class_names=class_names, feature_names=feature_names, features=features, seed=seed,
-                             attrs={"posterior": type(posterior).__name__, "num_draws": num_draws})
+    idata = from_weight_draws(weights, phi, mask, labels, extra=draws, class_names=class_names,
+                              feature_names=feature_names, features=features, seed=seed,
+                              attrs={"posterior": type(getattr(posterior, "guide", posterior)).__name__,
+                                     "num_draws": num_draws, "chains": chains})
+    if save is True:
+        raise ConfigError("save=True writes into a run directory; for a bare head pass save=PATH")
+    if save:
+        save_inference_data(idata, save)
+    return idata
 
 
 def _bare_posterior(source, guide, phi, mask):
@@ -295,7 +325,7 @@ def _bare_posterior(source, guide, phi, mask):
     if isinstance(phi, Features):
         phi, mask = phi.phi, phi.mask
     if isinstance(source, VariationalHead):
-        return source.guide, phi, mask
+        return source, phi, mask
     if isinstance(source, GaussianWeights):
         return source, phi, mask
     if isinstance(source, BayesianLastLayer):
@@ -306,7 +336,7 @@ def _bare_posterior(source, guide, phi, mask):
                       f"(with its guide) or GaussianWeights, got {type(source).__name__}")
 
 
-def _from_pipeline(pipe, run_dir, task, split, limit, data_dir, features, num_draws, save, seed, progress):
+def _from_pipeline(pipe, run_dir, task, split, limit, data_dir, features, num_draws, chains, save, seed, progress):
     from ..training.trainable_heads import VariationalHead
     from ..run import default_split, split_features
 
@@ -316,15 +346,15 @@ def _from_pipeline(pipe, run_dir, task, split, limit, data_dir, features, num_dr
     task = task or pipe.config.task
     split = split or default_split(task)
     data, labels, encoded = split_features(pipe, task, split, data_dir, limit, progress)
-    posterior = pipe.method.laplace if pipe.method.laplace is not None else pipe.method.head.guide
-    draws = guide_draws(posterior, data.phi, data.mask, num_draws, seed)
+    posterior = pipe.method.laplace if pipe.method.laplace is not None else pipe.method.head
+    draws = split_chains(guide_draws(posterior, data.phi, data.mask, chains * num_draws, seed), chains)
     weights = draws.pop(WEIGHT_SITE)
     config = pipe.config
     letters = config.format == "letters"
     classes = list(pipe.train.task.answer_words) if letters else ["shared"]
     metrics = _read_metrics(run_dir)
     idata = from_weight_draws(
-        weights, data.phi, data.mask, labels, extra={k: v.unsqueeze(0) for k, v in draws.items()},
+        weights, data.phi, data.mask, labels, extra=draws,
         class_names=classes, feature_names=feature_names(weights.shape[-1], config.loglik_features and not letters),
         choice_names=classes if letters else None,
         question_names=_question_names([e.uid for e in encoded.task.examples], len(labels)),
@@ -332,9 +362,12 @@ def _from_pipeline(pipe, run_dir, task, split, limit, data_dir, features, num_dr
         attrs={"method": config.method, "task": task, "split": split, "train_task": config.task,
                "format": config.format, "prior": config.prior, "guide": config.guide, "elbo": config.elbo,
                "posterior": "laplace" if pipe.method.laplace is not None else "guide", "num_draws": num_draws,
+               "chains": chains,
                "model": config.model, "config": config.to_dict()})
-    if save and run_dir is not None:
-        save_inference_data(idata, Path(run_dir) / f"posterior_{task}_{split}.nc")
+    if save is True and run_dir is None:
+        raise ConfigError("save=True needs the run directory: pass run_dir= (or a RUN_DIR source), or save=PATH")
+    if save:
+        save_inference_data(idata, Path(run_dir) / f"posterior_{task}_{split}.nc" if save is True else save)
     return idata
 
 

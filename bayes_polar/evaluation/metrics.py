@@ -12,7 +12,7 @@ membership being decided in float32; a confidence of exactly 1 falls in an extra
 
 Usage::
 
-    metrics = classification_metrics(probs, labels)  # {"acc": .., "ece": .., "nll": .., "brier": .., "n": ..}
+    metrics = classification_metrics(probs, labels)  # acc, ece, ace, mce, cw_ece, nll, brier, n
     reliability_diagram(probs, labels, "runs/x/reliability.png")
 
 Plots draw on :class:`matplotlib.figure.Figure` objects with the Agg canvas: headless, never
@@ -38,12 +38,15 @@ NLL_EPS = 1e-12
 __all__ = [
     "CalibrationBins",
     "accuracy",
+    "adaptive_calibration_error",
     "brier_score",
     "calibration_bins",
     "check_probs",
     "classification_metrics",
+    "classwise_calibration_error",
     "confidence_histogram",
     "expected_calibration_error",
+    "maximum_calibration_error",
     "negative_log_likelihood",
     "plot_elbo_trace",
     "plot_reliability_diagrams",
@@ -182,6 +185,11 @@ class CalibrationBins:
         gap = (self.acc - self.conf).abs().nan_to_num(0.0)
         return float(100 * (self.count / self.n * gap).sum())
 
+    def mce(self) -> float:
+        """Maximum calibration error: the largest |acc − conf| over non-empty bins, in percent."""
+        gap = (self.acc - self.conf).abs()[self.count > 0]
+        return float(100 * gap.max())
+
 
 def _bins(p: Tensor, y: Tensor, n_bins: int) -> CalibrationBins:
     conf, pred = p.max(dim=1)  # (N,), (N,)
@@ -228,15 +236,78 @@ def expected_calibration_error(probs, labels, n_bins: int = 15) -> float:
     return calibration_bins(probs, labels, n_bins).ece()
 
 
-def classification_metrics(probs, labels, n_bins: int = 15) -> dict:
-    """``{"acc", "ece", "nll", "brier", "n"}`` as plain Python numbers (JSON-ready).
+def maximum_calibration_error(probs, labels, n_bins: int = 15) -> float:
+    r"""Maximum calibration error on the max probability, equal-width bins (as the ECE), in percent.
 
-    ``acc`` is a fraction, ``ece`` in percent (``n_bins`` equal-width bins), ``nll`` in nats.
+    .. math:: \mathrm{MCE} = 100 \max_{b: |B_b| > 0} \bigl|\mathrm{acc}(B_b) - \mathrm{conf}(B_b)\bigr|
+
+    Equals ``100 * multiclass_calibration_error(..., norm="max")`` of torchmetrics.
+    """
+    return calibration_bins(probs, labels, n_bins).mce()
+
+
+def _adaptive(p: Tensor, y: Tensor, n_bins: int) -> float:
+    conf, pred = p.max(dim=1)
+    correct = (pred == y).to(p.dtype)
+    by_correct = correct.argsort(stable=True)  # ties in confidence: errors first, so equal pairs are exchangeable
+    order = by_correct[conf[by_correct].argsort(stable=True)]
+    total = 0.0
+    for idx in torch.tensor_split(order, min(n_bins, len(order))):  # equal mass: sizes differ by at most 1
+        total += len(idx) * float((correct[idx].mean() - conf[idx].mean()).abs())
+    return 100 * total / len(order)
+
+
+def adaptive_calibration_error(probs, labels, n_bins: int = 15) -> float:
+    r"""Adaptive (equal-mass) ECE on the max probability, in percent (Nixon et al., 2019).
+
+    .. math:: \mathrm{ACE} = 100 \sum_b \frac{|B_b|}{N} \bigl|\mathrm{acc}(B_b) - \mathrm{conf}(B_b)\bigr|
+
+    with bins :math:`B_b` holding consecutive runs of the examples sorted by confidence, of sizes
+    ⌊N/M⌋ or ⌈N/M⌉ (equal confidences: errors first, so the result does not depend on the order
+    of the examples); M = min(n_bins, N).
+    """
+    return _adaptive(*_check(probs, labels), _check_n_bins(n_bins))
+
+
+def _classwise(p: Tensor, y: Tensor, n_bins: int) -> float:
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float32, device=p.device)
+    one_hot = torch.nn.functional.one_hot(y, p.shape[1]).to(p.dtype)
+    total = 0.0
+    for c in range(p.shape[1]):
+        idx = torch.bucketize(p[:, c].float(), edges, right=True) - 1  # the ECE's bins, saturated cell at 1
+        zeros = torch.zeros(n_bins + 1, dtype=p.dtype, device=p.device)
+        gap = (zeros.index_add(0, idx, one_hot[:, c]) - zeros.index_add(0, idx, p[:, c])).abs()  # |B|·|freq − conf|
+        total += float(gap.sum()) / p.shape[0]
+    return 100 * total / p.shape[1]
+
+
+def classwise_calibration_error(probs, labels, n_bins: int = 15) -> float:
+    r"""Classwise ECE (Kull et al., 2019): the ECE of every class's probability, averaged over classes, in percent.
+
+    .. math:: \mathrm{cwECE} = \frac{100}{C} \sum_c \sum_b \frac{|B_{cb}|}{N}
+              \Bigl|\frac{1}{|B_{cb}|}\sum_{i \in B_{cb}} \mathbb 1[y_i = c] - \frac{1}{|B_{cb}|}\sum_{i \in B_{cb}} p_{ic}\Bigr|
+
+    :math:`B_{cb}`: the examples whose :math:`p_{ic}` falls in equal-width bin b (the ECE's bins).
+    Missing choices (p = 0, never the label) fall in bin 0 with no gap.
+    """
+    return _classwise(*_check(probs, labels), _check_n_bins(n_bins))
+
+
+def classification_metrics(probs, labels, n_bins: int = 15) -> dict:
+    """``{"acc", "ece", "ace", "mce", "cw_ece", "nll", "brier", "n"}`` as plain Python numbers (JSON-ready).
+
+    ``acc`` is a fraction; ``ece`` (equal-width), ``ace`` (equal-mass), ``mce`` (maximum) and
+    ``cw_ece`` (classwise) in percent, with ``n_bins`` bins; ``nll`` in nats.
     """
     p, y = _check(probs, labels)
+    n_bins = _check_n_bins(n_bins)
+    bins = _bins(p, y, n_bins)
     return {
         "acc": _accuracy(p, y),
-        "ece": _bins(p, y, _check_n_bins(n_bins)).ece(),
+        "ece": bins.ece(),
+        "ace": _adaptive(p, y, n_bins),
+        "mce": bins.mce(),
+        "cw_ece": _classwise(p, y, n_bins),
         "nll": _nll(p, y, NLL_EPS),
         "brier": _brier(p, y),
         "n": int(p.shape[0]),

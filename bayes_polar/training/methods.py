@@ -29,7 +29,7 @@ from ..data.features import FeatureExtractor, Features, check_finite_features
 from ..bll.model import head_logits
 from .trainable_heads import PointHead, VariationalHead
 from ..bll.laplace import fit_laplace
-from ..bll.predictive import predictive_proba
+from ..bll.predictive import logit_variance, sample_proba
 from .steps import AdapterStep, GuideStep, JointStep, lr_lambda
 
 VARIATIONAL = ("polar-vbll", "polar-vbll-la", "lora-vbll")
@@ -96,25 +96,44 @@ class Method:
         return logs
 
     @torch.no_grad()
-    def predict_proba(self, batch, num_samples: int, features: Features | None = None) -> torch.Tensor:
-        """(B, C) predictive probabilities of this method (``features``: reuse an eval-mode pass)."""
+    def sample_proba(self, batch, num_samples: int, features: Features | None = None) -> torch.Tensor:
+        """(S, B, C) per-draw probabilities: MC-dropout passes (S = ``mc_passes``), draws of the
+        last layer (variational head or Laplace, S = ``num_samples``), or S = 1 (point heads).
+        ``features``: reuse an eval-mode pass."""
         if self.mc_passes > 1:
             self.model.train()  # dropout on: MC dropout
             probs = torch.stack([self.head.predict_proba(self.features(batch)) for _ in range(self.mc_passes)])
             self.model.eval()
-            return probs.mean(0)
+            return probs
         self.model.eval()
         features = self.features(batch) if features is None else features
         if self.laplace is not None:
-            return predictive_proba(self.laplace, features.phi, features.mask, num_samples)
-        return self.head.predict_proba(features, num_samples)
+            return sample_proba(self.laplace, features.phi, features.mask, num_samples)
+        return self.head.sample_proba(features, num_samples)
+
+    @torch.no_grad()
+    def predict_proba(self, batch, num_samples: int, features: Features | None = None) -> torch.Tensor:
+        """(B, C) predictive probabilities of this method: the mean of :meth:`sample_proba`."""
+        return self.sample_proba(batch, num_samples, features).mean(0)
+
+    @torch.no_grad()
+    def predict_samples(self, batch, num_samples: int) -> dict:
+        """One eval-mode feature pass: ``samples`` (S, B, C) (:meth:`sample_proba`), ``point`` (B, C),
+        ``mask`` (B, C) and ``logit_var`` (B, C) of a Gaussian last layer (None otherwise)."""
+        self.model.eval()
+        features = self.features(batch)
+        if self.laplace is not None:
+            var = logit_variance(self.laplace, features.phi, features.mask)
+        else:
+            var = self.head.logit_variance(features)
+        return {"samples": self.sample_proba(batch, num_samples, features), "point": self.head.point_proba(features),
+                "mask": features.mask, "logit_var": var}
 
     @torch.no_grad()
     def predict(self, batch, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(predictive, point)`` (B, C) probabilities from one eval-mode feature pass."""
-        self.model.eval()
-        features = self.features(batch)
-        return self.predict_proba(batch, num_samples, features), self.head.point_proba(features)
+        out = self.predict_samples(batch, num_samples)
+        return out["samples"].mean(0), out["point"]
 
     @torch.no_grad()
     def zero_shot_proba(self, batch, weights: torch.Tensor) -> torch.Tensor:
@@ -219,12 +238,18 @@ class Ensemble:
         self.model, self.extras = method.model, {"members": len(members)}
 
     @torch.no_grad()
-    def predict(self, batch, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = []
+    def predict_samples(self, batch, num_samples: int) -> dict:
+        """The members' draws stacked: ``samples`` (M·S, B, C) (S = 1 for lora-mle members)."""
+        outs = []
         for member in self.members:
             self.method.load_state_tensors(member)
-            probs.append(self.method.predict(batch, num_samples)[0])
-        mean = torch.stack(probs).mean(0)
+            outs.append(self.method.predict_samples(batch, num_samples))
+        samples = torch.cat([out["samples"] for out in outs])
+        return {"samples": samples, "point": samples.mean(0), "mask": outs[0]["mask"], "logit_var": None}
+
+    @torch.no_grad()
+    def predict(self, batch, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.predict_samples(batch, num_samples)["samples"].mean(0)
         return mean, mean
 
     def zero_shot_proba(self, batch, weights: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from ..errors import ConfigError, NumericalError
 from ..data.features import Features
 from ..bll.model import BayesianLastLayer, Prior, head_logits
 from ..bll.posterior import WEIGHT_SITE, initialize_guide, weight_posterior
-from ..bll.predictive import DEFAULT_NUM_SAMPLES, mean_proba, predictive_proba, pyro_predictive_proba
+from ..bll.predictive import DEFAULT_NUM_SAMPLES, logit_variance, mean_proba, pyro_sample_proba, sample_proba
 from ..bll.registry import load_guide, make_guide
 
 
@@ -160,12 +160,28 @@ class VariationalHead:
     @_scoped
     @torch.no_grad()
     def predict_proba(self, features: Features, num_samples: int = DEFAULT_NUM_SAMPLES) -> torch.Tensor:
-        """Posterior predictive: closed-form logit sampling for Gaussian guides, Pyro's otherwise."""
+        """Posterior predictive (B, C): the mean of :meth:`sample_proba`."""
+        return self.sample_proba(features, num_samples).mean(0)
+
+    @_scoped
+    @torch.no_grad()
+    def sample_proba(self, features: Features, num_samples: int = DEFAULT_NUM_SAMPLES) -> torch.Tensor:
+        """(S, B, C) softmax of sampled logits: closed-form for Gaussian guides, W drawn by Pyro otherwise."""
         try:
             q = self.posterior()
         except ConfigError:
-            return pyro_predictive_proba(self.guide, features.phi, features.mask, num_samples)
-        return predictive_proba(q, features.phi, features.mask, num_samples)
+            return pyro_sample_proba(self.guide, features.phi, features.mask, num_samples)
+        return sample_proba(q, features.phi, features.mask, num_samples)
+
+    @_scoped
+    @torch.no_grad()
+    def logit_variance(self, features: Features) -> torch.Tensor | None:
+        """(B, C) marginal logit variances under a Gaussian guide; None for other guides."""
+        try:
+            q = self.posterior()
+        except ConfigError:
+            return None
+        return logit_variance(q, features.phi, features.mask)
 
     @_scoped
     @torch.no_grad()
@@ -243,6 +259,14 @@ class PointHead(nn.Module):
         return (self.logits(features) / self.temperature).softmax(-1)
 
     point_proba = predict_proba
+
+    @torch.no_grad()
+    def sample_proba(self, features: Features, num_samples: int | None = None) -> torch.Tensor:
+        """(1, B, C): a point estimate is one draw."""
+        return self.predict_proba(features).unsqueeze(0)
+
+    def logit_variance(self, features: Features) -> None:
+        return None
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight.detach().clone(), "temperature": torch.tensor(self.temperature)}

@@ -26,12 +26,20 @@ def test_fit_then_evaluate_round_trip(tmp_path, data_dir):
     metrics = run_fit(config, tmp_path / "run", progress=False, log=lambda *_: None)
     run = tmp_path / "run"
     for name in ("config.json", "metrics.json", "reliability_arc_easy.png", "reliability_openbookqa.png",
-                 "elbo.png", "adapters.safetensors", "head.safetensors"):
+                 "elbo.png", "adapters.safetensors", "head.safetensors", "selective_arc_easy.png",
+                 "selective_openbookqa.png"):
         assert (run / name).stat().st_size > 0, name
     saved = json.loads((run / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
     result = saved["evaluations"]["arc_easy/validation"]
-    assert {"acc", "ece", "nll", "brier", "n", "point", "zero_shot"} <= set(result) and result["n"] == 12
+    assert {"acc", "ece", "ace", "mce", "cw_ece", "nll", "brier", "n", "point", "zero_shot"} <= set(result)
+    assert result["n"] == 12
+    assert set(result["selective"]) == {"aurc", "e_aurc", "acc@80", "acc@90"}
+    assert set(result["uncertainty"]) == {"max_prob", "entropy", "aleatoric", "mutual_information", "logit_variance"}
+    assert "ood" not in result  # the training task's split is the in-distribution reference
+    ood = saved["evaluations"]["openbookqa/validation"]["ood"]
+    assert ood["against"] == "arc_easy/validation" and set(ood["auroc"]) == set(result["uncertainty"])
+    assert all(0 <= v <= 1 for m in ("auroc", "aupr") for v in ood[m].values())
     assert len(saved["elbo_trace"]) == 8
     layer = next(iter(saved["adapters"].values()))
     assert {"stable_rank", "orthogonality_error_X", "orthogonality_error_Y"} <= set(layer)
@@ -39,8 +47,9 @@ def test_fit_then_evaluate_round_trip(tmp_path, data_dir):
 
     added = evaluate_run(run, "arc_challenge", data_dir=data_dir, limit=10, log=lambda *_: None)
     assert added["n"] == 10
-    assert set(json.loads((run / "metrics.json").read_text())["evaluations"]) == {
-        "arc_easy/validation", "openbookqa/validation", "arc_challenge/validation"}
+    evaluations = json.loads((run / "metrics.json").read_text())["evaluations"]
+    assert set(evaluations) == {"arc_easy/validation", "openbookqa/validation", "arc_challenge/validation"}
+    assert evaluations["arc_challenge/validation"]["ood"]["against"] == "arc_easy/validation"  # evaluate adds it too
 
     reloaded = load_run(run)  # the saved adapters and head give the same point predictions
     encoded = encode_eval(reloaded, "arc_easy", "validation")

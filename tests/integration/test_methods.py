@@ -31,7 +31,16 @@ def test_method_fits_evaluates_and_reloads(tmp_path, data_dir, method):
     pipe = load_run(tmp_path / method)  # what was saved predicts what was measured
     encoded = encode_eval(pipe, "arc_easy", "validation")
     torch.manual_seed(0)
-    point = predict(pipe, encoded, 16)["point"]
+    predictions = predict(pipe, encoded, 16)
+    point = predictions["point"]
+    scores = predictions["scores"]  # per question, from the method's own draws
+    assert all(v.shape == (12,) for v in scores.values())
+    torch.testing.assert_close(scores["entropy"], scores["aleatoric"] + scores["mutual_information"])
+    if method in ("lora-mle", "lora-map", "polar-mle", "temperature-scaling"):
+        assert (scores["mutual_information"] == 0).all()  # one draw
+    else:  # last-layer draws, members or dropout passes
+        assert (scores["mutual_information"] > 0).any()
+    assert ("logit_variance" in scores) == (method in ("polar-vbll", "polar-vbll-la", "lora-vbll", "lora-laplace"))
     from bayes_polar.evaluation.metrics import classification_metrics
     labels = torch.tensor([e.label for e in encoded.task.examples])
     if method != "lora-mcdropout":
