@@ -68,6 +68,25 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_predict(args) -> int:
+    from .predict import Predictor, score, write_jsonl
+
+    results = Predictor.from_run(args.run_dir, num_samples=args.num_samples).predict_file(args.input)
+    if args.output:
+        write_jsonl(results, args.output)
+    else:
+        for result in results:
+            print(json.dumps(result))
+    metrics = score(results)
+    summary = f"{len(results)} questions"
+    if metrics is not None:
+        summary += (f"; {metrics['n']} with answers: ACC {metrics['acc']:.3f}, ECE {metrics['ece']:.2f}%, "
+                    f"NLL {metrics['nll']:.3f}, Brier {metrics['brier']:.3f}")
+    print(summary + (f"; predictions in {args.output}" if args.output else ""),
+          file=sys.stdout if args.output else sys.stderr)  # stdout stays JSON lines without --output
+    return 0
+
+
 def _cmd_export(args) -> int:
     from .export import export_run
 
@@ -128,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-dir", default=None, help="local data mirror (default: the run's or $BAYES_POLAR_DATA)")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    predict = sub.add_parser("predict", help="predict questions of a JSONL/CSV file with a finished run: "
+                             "probabilities, prediction, confidence, entropy = aleatoric + epistemic")
+    predict.add_argument("run_dir", help="a RUN_DIR written by bayes-polar fit (its training data is not needed)")
+    predict.add_argument("--input", required=True, help="questions in the generic schema (question, choices, "
+                         "optional answer, context, id); .jsonl or .csv")
+    predict.add_argument("--output", default=None, help="write one JSON line per question here (default: stdout)")
+    predict.add_argument("--num-samples", type=int, default=None, help="last-layer draws (default: the run's "
+                         "predictive_samples)")
+    predict.set_defaults(func=_cmd_predict)
 
     export = sub.add_parser("export", help="write a merged Hugging Face model, the last layer (and a peft "
                             "adapter for LoRA methods) and a model card")

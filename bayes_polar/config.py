@@ -12,6 +12,8 @@ that run needs the same object again (``load_run(run_dir, prior=..., guide=...)`
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -191,9 +193,16 @@ class FitConfig:
                 if not isinstance(getattr(self, name), str)}
 
     def _check_tasks(self) -> None:
-        """Task names exist; a letters-format head is only evaluated on tasks with its answer words."""
+        """Task names exist; a letters-format head is only evaluated on tasks with its answer words.
+
+        Skipped for the configuration of a saved run (:func:`saved_run`): it was checked when the run was
+        written, and its tasks (a file since deleted, a name registered in another process) need not exist.
+        """
         from .data.tasks import task_spec
         from .data.user_tasks import user_task_spec
+
+        if _SAVED_RUN.get():
+            return
 
         train = None if user_task_spec(self.task) else task_spec(self.task)
         for item in self.eval_tasks.split(","):
@@ -260,6 +269,17 @@ class FitConfig:
 
 
 PYTHON_OBJECT = "python:"
+_SAVED_RUN = contextvars.ContextVar("saved_run", default=False)
+
+
+@contextlib.contextmanager
+def saved_run():
+    """Within the block FitConfig does not look its tasks up (the configuration of a finished run)."""
+    token = _SAVED_RUN.set(True)
+    try:
+        yield
+    finally:
+        _SAVED_RUN.reset(token)
 
 
 def python_reference(obj) -> str:

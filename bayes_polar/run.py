@@ -10,6 +10,7 @@ ensembles keep one such set per member under ``members/<m>/``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -23,7 +24,7 @@ from .training import distributed as ddp
 from .adapters import adapter_diagnostics, load_adapters, save_adapters
 from .data.backbone import load_backbone
 from .training.checkpoint import atomic_write_json, latest_checkpoint, load_checkpoint, prepare_run_dir
-from .config import FitConfig
+from .config import FitConfig, saved_run
 from .errors import ConfigError, DataFormatError
 from .evaluation.metrics import classification_metrics, plot_elbo_trace, reliability_diagram
 from .evaluation.ood import ood_detection
@@ -155,7 +156,8 @@ def encode_for(pipe: Pipeline, task: Task) -> EncodedTask:
         most = max(len(e.choices) for e in task.examples)
         if most > len(words):
             raise ConfigError(f"{task.source}: a question has {most} choices, this letters-format head names "
-                              f"{len(words)} ({', '.join(words)})")
+                              f"{len(words)} ({', '.join(words)}): letters heads score questions with at most that "
+                              "many choices (use --format options)")
         task = replace(task, answer_words=words, num_classes=len(words))
     encoded = encode_task(task, pipe.tokenizer, config.format, config.max_length)
     if config.format == "letters" and encoded.answer_ids != pipe.train.answer_ids:
@@ -458,8 +460,12 @@ def load_run(run_dir, data_dir=None, prior=None, guide=None) -> Pipeline:
 
     values = read_json(run_dir / "config.json", "the configuration")
     values.update({k: v for k, v in (("prior", prior), ("guide", guide)) if v is not None})
-    config = FitConfig.from_dict(values)
     layout = RunLayout.load(run_dir)
+    with saved_run() if layout is not None else contextlib.nullcontext():  # its tasks need not exist now
+        return _load_run(run_dir, FitConfig.from_dict(values), layout, data_dir)
+
+
+def _load_run(run_dir: Path, config: FitConfig, layout, data_dir) -> Pipeline:
     if config.method == "lora-ensemble":
         members, store, pipe = [], None, None
         for m in range(config.ensemble_size):

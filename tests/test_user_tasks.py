@@ -102,3 +102,17 @@ def test_a_path_task_is_a_valid_config_task(tmp_path):
     config = FitConfig(task=path, eval_tasks=[path + ":test"])
     assert eval_targets(config.eval_tasks, config.task) == [(path, "test")]
     assert eval_targets("", path) == []  # a single file's questions are the training questions
+
+
+def test_questions_for_the_predictor_dicts_or_strings_with_choices():
+    from bayes_polar.predict import questions_task
+
+    task = questions_task(["Red or blue?", "Up or down?"], choices=["red", "blue"])
+    assert [e.choices for e in task.examples] == [("red", "blue")] * 2 and task.examples[0].label is None
+    task = questions_task(["Red?", "Which?"], choices=[["yes", "no"], ["a", "b", "c"]])
+    assert [len(e.choices) for e in task.examples] == [2, 3] and task.num_classes == 3
+    assert questions_task({"question": "q", "choices": ["a", "b"], "answer": "b"}).examples[0].label == 1
+    with pytest.raises(DataFormatError, match=r"questions\[0\] is a string: pass choices"):
+        questions_task("Which?")
+    with pytest.raises(DataFormatError, match=r"questions\[1\]: field 'choices' must have 2 to 26 choices"):
+        questions_task([{"question": "q", "choices": ["a", "b"]}, {"question": "q", "choices": ["a"]}])

@@ -99,6 +99,8 @@ def register_task(name: str, data, fields: dict | None = None) -> UserTaskSpec:
         spec = UserTaskSpec(name, files, fields)
     else:
         spec = _spec_from_path(name, data, fields)
+        for path in set(spec.files.values()):
+            _check_file(path)
     REGISTERED[name] = spec
     return spec
 
@@ -118,8 +120,7 @@ def _spec_from_path(name: str, data, fields: dict) -> UserTaskSpec:
         if not files:
             raise MissingFileError(f"{path} holds none of {', '.join(f'{s}.jsonl/.csv' for s in SPLITS)}")
         return UserTaskSpec(name, files, fields)
-    _check_file(path)
-    return UserTaskSpec(name, {split: path for split in SPLITS}, fields, single_file=True)
+    return UserTaskSpec(name, {split: path for split in SPLITS}, fields, single_file=True)  # read (checked) later
 
 
 def load_user_task(spec: UserTaskSpec, split: str, limit: int | None = None):
@@ -129,6 +130,7 @@ def load_user_task(spec: UserTaskSpec, split: str, limit: int | None = None):
     if split not in spec.files:
         raise DataFormatError(f"Task {spec.name!r} has no split {split!r}; its splits: {', '.join(spec.files)}")
     path = spec.files[split]
+    _check_file(path)
     rows = _csv_rows(path) if path.suffix == ".csv" else _jsonl_rows(path)
     if not rows:
         raise DataFormatError(f"{path}: split {split!r} of task {spec.name!r} is empty (no rows)")

@@ -27,7 +27,7 @@ def _tiny(data_dir, method, **overrides):
 
 
 @pytest.mark.parametrize("method,format", [("polar-vbll", "options"), ("lora-mle", "letters"),
-                                           ("lora-ensemble", "options")])
+                                           ("lora-ensemble", "options"), ("lora-mcdropout", "letters")])
 def test_load_run_needs_no_training_data(tmp_path, data_dir, method, format):
     mirror = tmp_path / "mirror"
     (mirror / "arc_easy").mkdir(parents=True)
@@ -51,3 +51,13 @@ def test_load_run_needs_no_training_data(tmp_path, data_dir, method, format):
     for key in ("predictive", "point", "zero_shot"):
         assert torch.allclose(before[key], after[key], atol=1e-6), key
     assert torch.allclose(after["predictive"].sum(-1), torch.ones(2))
+
+    from bayes_polar.predict import Predictor
+
+    results = Predictor.from_run(tmp_path / "run").predict(QUESTIONS)
+    assert [len(r["probabilities"]) for r in results] == [3, 2]  # no padding column, letters head or not
+    for r, expected in zip(results, after["predictive"]):
+        assert r["probabilities"] == pytest.approx(expected[:len(r["probabilities"])].tolist(), abs=0.05)
+        assert r["entropy"] == pytest.approx(r["aleatoric"] + r["epistemic"], abs=1e-9)
+    spread = max(r["epistemic"] for r in results)
+    assert spread == 0 if method == "lora-mle" else spread > 0  # members, dropout passes, posterior draws
