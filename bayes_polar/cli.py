@@ -68,6 +68,33 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_predict(args) -> int:
+    from .predict import Predictor, score, write_jsonl
+
+    predictor = Predictor.from_run(args.run_dir, num_samples=args.num_samples, device=args.device, dtype=args.dtype)
+    results = predictor.predict_file(args.input)
+    if args.output:
+        write_jsonl(results, args.output)
+    else:
+        for result in results:
+            print(json.dumps(result))
+    metrics = score(results)
+    summary = f"{len(results)} questions"
+    if metrics is not None:
+        summary += (f"; {metrics['n']} with answers: ACC {metrics['acc']:.3f}, ECE {metrics['ece']:.2f}%, "
+                    f"NLL {metrics['nll']:.3f}, Brier {metrics['brier']:.3f}")
+    print(summary + (f"; predictions in {args.output}" if args.output else ""),
+          file=sys.stdout if args.output else sys.stderr)  # stdout stays JSON lines without --output
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export import export_run
+
+    export_run(args.run_dir, args.out, overwrite=args.overwrite)
+    return 0
+
+
 def _cmd_table(args) -> int:
     from .evaluation.table import Grid, run_grid
 
@@ -129,6 +156,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
     _add_placement_arguments(evaluate)
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    predict = sub.add_parser("predict", help="predict questions of a JSONL/CSV file with a finished run: "
+                             "probabilities, prediction, confidence, entropy = aleatoric + epistemic")
+    predict.add_argument("run_dir", help="a RUN_DIR written by bayes-polar fit (its training data is not needed)")
+    predict.add_argument("--input", required=True, help="questions in the generic schema (question, choices, "
+                         "optional answer, context, id); .jsonl or .csv")
+    predict.add_argument("--output", default=None, help="write one JSON line per question here (default: stdout)")
+    predict.add_argument("--num-samples", type=int, default=None, help="last-layer draws (default: the run's "
+                         "predictive_samples)")
+    _add_placement_arguments(predict)
+    predict.set_defaults(func=_cmd_predict)
+
+    export = sub.add_parser("export", help="write a merged Hugging Face model, the last layer (and a peft "
+                            "adapter for LoRA methods) and a model card")
+    export.add_argument("run_dir", help="a RUN_DIR written by bayes-polar fit")
+    export.add_argument("--out", required=True, help="output folder (model/, head/, peft/, README.md)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    export.set_defaults(func=_cmd_export)
 
     table = sub.add_parser("table", help="run a grid of methods x tasks x seeds and write the results table")
     table.add_argument("--config", required=True, help="grid JSON (see benchmarks/configs/)")

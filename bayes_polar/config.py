@@ -3,12 +3,21 @@
 The CLI builds its options from the fields (``--key value``, type-checked against the
 default's type; ``help`` from the field metadata); a JSON config file can set them too
 (``--config run.json``), command-line options win. Unknown keys raise ConfigError.
+
+From Python the list- and dict-valued options also take lists and dicts (``layers=[-2, -1]``,
+``prior_args={"variance": 0.5}``; stored in their text form), ``prior`` a
+:class:`~bayes_polar.bll.model.Prior` instance and ``guide`` a builder ``model -> guide``
+defined in a notebook. Such objects are recorded in config.json as ``"python:<repr>"``; reloading
+that run needs the same object again (``load_run(run_dir, prior=..., guide=...)``).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
 from .data.device import DTYPES, check_device
@@ -45,10 +54,11 @@ class FitConfig:
     loglik_features: bool = _help("options: append the LM's option log-likelihood (sum, mean) to the features", True)
     # method and last layer
     method: str = _help(f"one of {', '.join(METHODS)}", "polar-vbll")
-    prior: str = _help("prior name (width_scaled: isotropic N(0, 2/D), isotropic, ard, ard_empirical, "
-                       "student_t, lm_head) or a .py file", "width_scaled")
+    prior: Any = _help("prior name (width_scaled: isotropic N(0, 2/D), isotropic, ard, ard_empirical, "
+                       "student_t, lm_head), a .py file or (Python) a Prior object", "width_scaled")
     prior_args: str = _help('JSON keyword arguments of the prior, e.g. \'{"variance": 0.5}\'', "{}")
-    guide: str = _help("guide name (full, diagonal, lowrank, auto_mvn, ...) or a .py file", "full")
+    guide: Any = _help("guide name (full, diagonal, lowrank, auto_mvn, ...), a .py file or (Python) a builder "
+                       "model -> guide", "full")
     guide_args: str = _help('JSON keyword arguments of the guide, e.g. \'{"rank": 4}\'', "{}")
     elbo: str = _help("ELBO estimator: jensen (closed form), mc or mc_meanfield (Pyro, any prior)", "jensen")
     num_particles: int = _help("Monte Carlo ELBO particles (W only; the backbone runs once)", 8)
@@ -104,7 +114,34 @@ class FitConfig:
         "exceeds this; logged in metrics.json (None: 1e-4 with riemannian_adam, 0.1 with landing)", None)
 
     def __post_init__(self):
+        self._normalise()
         self.validate()
+
+    def _normalise(self) -> None:
+        """Lists and dicts given from Python become the text form the CLI and config.json use."""
+        for name in ("layers", "target_modules", "eval_tasks"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                setattr(self, name, ",".join(str(v) for v in value))
+            elif not isinstance(value, str):
+                raise ConfigError(f"{name} must be a comma-separated string or a list, got {type(value).__name__} "
+                                  f"{value!r}")
+        for name in ("prior_args", "guide_args"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                try:
+                    setattr(self, name, json.dumps(value, sort_keys=True))
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(f"{name} must hold JSON values (numbers, strings, lists), got {value!r}: "
+                                      f"{exc}") from None
+            elif value is None:
+                setattr(self, name, "{}")
+            elif not isinstance(value, str):
+                raise ConfigError(f"{name} must be a dict or a JSON object string, got {type(value).__name__}")
+        for name in ("task", "data_dir", "cache_dir", "model"):
+            value = getattr(self, name)
+            if isinstance(value, Path):
+                setattr(self, name, str(value))
 
     def validate(self) -> None:
         _one_of("format", self.format, FORMATS)
@@ -135,20 +172,54 @@ class FitConfig:
         if self.orthogonality_tol is not None and not self.orthogonality_tol > 0:
             raise ConfigError(f"Expected orthogonality_tol > 0 (or None) but got {self.orthogonality_tol}")
         self.prior_kwargs, self.guide_kwargs  # parse now: bad JSON fails early
+        self._check_objects()
         self.layer_indices
         self._check_tasks()
 
-    def _check_tasks(self) -> None:
-        """Task names exist; a letters-format head is only evaluated on tasks with its answer words."""
-        from .data.tasks import task_spec
+    def _check_objects(self) -> None:
+        """``prior``: a name, a file or a Prior; ``guide``: a name, a file or a callable builder."""
+        from .bll.model import Prior
 
-        train = task_spec(self.task)
+        if not isinstance(self.prior, (str, Prior)):
+            raise ConfigError(f"prior must be a prior name, a .py file or a bayes_polar.bll.model.Prior instance, "
+                              f"got {type(self.prior).__name__} {self.prior!r}")
+        if not isinstance(self.guide, str) and not callable(self.guide):
+            raise ConfigError(f"guide must be a guide name, a .py file or a callable builder model -> guide, "
+                              f"got {type(self.guide).__name__} {self.guide!r}")
+        if isinstance(self.prior, Prior) and self.prior_kwargs:
+            raise ConfigError(f"prior_args {self.prior_kwargs} apply to a prior name or file; a Prior object "
+                              "is used as it is (pass its arguments to its constructor)")
+        for name in ("prior", "guide"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith(PYTHON_OBJECT):
+                raise ConfigError(f"{name} {value!r} was a Python object of the run that wrote this configuration; "
+                                  f"pass the same object again (load_run(run_dir, {name}=...))")
+
+    @property
+    def python_objects(self) -> dict[str, str]:
+        """``{field: "python:<repr>"}`` for the options that hold Python objects (prior, guide)."""
+        return {name: python_reference(getattr(self, name)) for name in ("prior", "guide")
+                if not isinstance(getattr(self, name), str)}
+
+    def _check_tasks(self) -> None:
+        """Task names exist; a letters-format head is only evaluated on tasks with its answer words.
+
+        Skipped for the configuration of a saved run (:func:`saved_run`): it was checked when the run was
+        written, and its tasks (a file since deleted, a name registered in another process) need not exist.
+        """
+        from .data.tasks import task_spec
+        from .data.user_tasks import user_task_spec
+
+        if _SAVED_RUN.get():
+            return
+
+        train = None if user_task_spec(self.task) else task_spec(self.task)
         for item in self.eval_tasks.split(","):
             name = item.strip().partition(":")[0]
-            if not name:
-                continue
+            if not name or user_task_spec(name):
+                continue  # a user's file: answer words known once read (encode_eval checks them)
             spec = task_spec(name)
-            if self.format == "letters" and spec.answer_words != train.answer_words:
+            if self.format == "letters" and train is not None and spec.answer_words != train.answer_words:
                 raise ConfigError(
                     f"eval_tasks: {name} answers with {spec.answer_words}, but a letters-format head trained on "
                     f"{self.task} has one row per answer word {train.answer_words}: letters heads only transfer "
@@ -183,7 +254,10 @@ class FitConfig:
         return [x.strip() for x in self.target_modules.split(",") if x.strip()]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready values; Python objects (prior, guide) as ``"python:<repr>"``."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(self.python_objects)
+        return values
 
     def save(self, path) -> None:
         from .training.checkpoint import atomic_write_json
@@ -201,6 +275,27 @@ class FitConfig:
     @classmethod
     def load(cls, path) -> "FitConfig":
         return cls.from_dict(read_json(path, "the configuration"))
+
+
+PYTHON_OBJECT = "python:"
+_SAVED_RUN = contextvars.ContextVar("saved_run", default=False)
+
+
+@contextlib.contextmanager
+def saved_run():
+    """Within the block FitConfig does not look its tasks up (the configuration of a finished run)."""
+    token = _SAVED_RUN.set(True)
+    try:
+        yield
+    finally:
+        _SAVED_RUN.reset(token)
+
+
+def python_reference(obj) -> str:
+    """How config.json records a Python object: ``python:`` + its repr (qualified name for functions)."""
+    name = getattr(obj, "__qualname__", None)
+    text = f"{getattr(obj, '__module__', '?')}.{name}" if name and not hasattr(obj, "keywords") else repr(obj)
+    return PYTHON_OBJECT + text
 
 
 def _one_of(name: str, value, allowed) -> None:

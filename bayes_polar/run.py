@@ -10,7 +10,9 @@ ensembles keep one such set per member under ``members/<m>/``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,8 +25,8 @@ from .adapters import adapter_diagnostics, load_adapters, save_adapters
 from .data.backbone import load_backbone
 from .data.device import move_backbone, resolve_device, resolve_dtype
 from .training.checkpoint import atomic_write_json, latest_checkpoint, load_checkpoint, prepare_run_dir
-from .config import FitConfig
-from .errors import ConfigError
+from .config import FitConfig, saved_run
+from .errors import ConfigError, DataFormatError
 from .evaluation.metrics import classification_metrics, plot_elbo_trace, reliability_diagram
 from .evaluation.ood import ood_detection
 from .evaluation.selective import plot_selective, selective_curve, selective_metrics
@@ -36,7 +38,9 @@ from .training.trainable_heads import zero_shot_weights
 from .training.methods import Ensemble, Method, attach_adapters, build_method, first_adapted_block, is_variational
 from .data.prefix_cache import CachedTrunk, model_fingerprint
 from .bll.registry import load_prior
-from .data.tasks import Task, load_task, task_spec
+from .data.tasks import LETTERS, Task, default_split, load_task
+from .data.user_tasks import user_task_spec
+from .run_layout import LAYOUT_FILE, ZERO_SHOT_FILE, RunLayout
 from .training.loop import epoch_loader, fit, restore_training_state, training_state, warm_prefix_cache
 
 HELDOUT_FRACTION = 0.1  # temperature scaling fits T on this slice of the training split
@@ -53,13 +57,12 @@ class Pipeline:
     heldout: EncodedTask | None = None
 
 
-def default_split(task: str) -> str:
-    files = task_spec(task).files
-    return "validation" if "validation" in files else "test"
-
-
 def eval_targets(eval_tasks: str | None, task: str) -> list[tuple[str, str]]:
-    """``task[:split]`` entries of ``eval_tasks``; default: the training ``task``'s validation split."""
+    """``task[:split]`` entries of ``eval_tasks``; default: the training ``task``'s validation split
+    (none when the task is a single file of the user's: its questions are the training questions)."""
+    user = user_task_spec(task)
+    if not eval_tasks and user is not None and user.single_file:
+        return []
     targets = []
     for item in (eval_tasks or task).split(","):
         name, _, split = item.strip().partition(":")
@@ -74,12 +77,15 @@ def _split_heldout(task: Task) -> tuple[Task, Task]:
     return keep, replace(task, examples=task.examples[cut:], split=f"{task.split}-heldout")
 
 
-def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = None, backbone=None) -> Pipeline:
+def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = None, backbone=None,
+                   layout: tuple[RunLayout, torch.Tensor] | None = None) -> Pipeline:
     """Backbone + adapters + features + head + steps for ``config`` (seeded).
 
     ``trunk_store``: a prefix-cache store shared with other pipelines on the same backbone (ensemble members).
     ``backbone``: a frozen ``(model, tokenizer)`` to use instead of loading ``config.model``, on
     any device and dtype (the adapters follow the model's device; the head stays on the CPU).
+    ``layout``: a saved run's layout and zero-shot head (:mod:`bayes_polar.run_layout`): no training
+    data is read, ``pipe.train`` is empty.
     """
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -91,12 +97,17 @@ def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = 
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
         model.disable_input_require_grads()  # non-reentrant: no grad through the frozen blocks below the adapters
-    train_task = load_task(config.task, "train", data_dir or config.data_dir, limit=config.train_limit)
     heldout = None
-    if config.method == "temperature-scaling":
-        train_task, heldout_task = _split_heldout(train_task)
-        heldout = encode_task(heldout_task, tokenizer, config.format, config.max_length)
-    train = encode_task(train_task, tokenizer, config.format, config.max_length)
+    if layout is not None:
+        layout[0].check_backbone(model, tokenizer, Path(LAYOUT_FILE))
+        train, dataset_size = layout[0].empty_train(), layout[0].train_examples
+    else:
+        train_task = load_task(config.task, "train", data_dir or config.data_dir, limit=config.train_limit)
+        if config.method == "temperature-scaling":
+            train_task, heldout_task = _split_heldout(train_task)
+            heldout = encode_task(heldout_task, tokenizer, config.format, config.max_length)
+        train = encode_task(train_task, tokenizer, config.format, config.max_length)
+        dataset_size = len(train)
     torch.manual_seed(config.seed)
     attach_adapters(model, config)
     start = first_adapted_block(model, config.layer_indices)
@@ -108,10 +119,15 @@ def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = 
     extractor = FeatureExtractor(model, config.format, config.loglik_features, trunk)
     rows = answer_head_rows(model, train.answer_ids) if config.format == "letters" else None
     init = zero_shot_weights(config.format, extractor.feature_dim, rows, config.loglik_features)
+    if layout is not None:
+        if layout[1].shape != init.shape:
+            raise ConfigError(f"{ZERO_SHOT_FILE} holds a {tuple(layout[1].shape)} head, this backbone and format "
+                              f"give {tuple(init.shape)}")
+        init = layout[1]
     prior = load_prior(config.prior, **config.prior_kwargs)
     prior.attach({"zero_shot_weights": init})
     torch.manual_seed(config.seed + 1)
-    method = build_method(config, model, extractor, dataset_size=len(train), num_rows=init.shape[0],
+    method = build_method(config, model, extractor, dataset_size=dataset_size, num_rows=init.shape[0],
                           init=init, prior=prior)
     if is_variational(config.method):
         num_classes = train.num_classes
@@ -121,12 +137,37 @@ def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = 
     return Pipeline(config, model, tokenizer, train, method, init, heldout)
 
 
+def file_label(task: str) -> str:
+    """A task name usable in a file name (a user's file: its stem)."""
+    name = Path(task).stem if user_task_spec(task) is not None and user_task_spec(task).files else task
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
 def encode_eval(pipe: Pipeline, task: str, split: str, data_dir=None, limit=None) -> EncodedTask:
     config = pipe.config
-    encoded = encode_task(load_task(task, split, data_dir or config.data_dir, limit=limit or config.eval_limit),
-                          pipe.tokenizer, config.format, config.max_length)
+    loaded = load_task(task, split, data_dir or config.data_dir, limit=limit or config.eval_limit)
+    unlabelled = sum(e.label is None for e in loaded.examples)
+    if unlabelled:
+        raise DataFormatError(f"{loaded.source}: {unlabelled} of {len(loaded)} questions have no answer, so they "
+                              "cannot be scored; use bayes-polar predict (Predictor) for questions without answers")
+    return encode_for(pipe, loaded)
+
+
+def encode_for(pipe: Pipeline, task: Task) -> EncodedTask:
+    """Encode ``task`` for the run's head. Letters format: questions answered by letters (A, B, ...) take the
+    run's letters when they have no more choices than the head names; other answer words must match."""
+    config, words = pipe.config, tuple(pipe.train.task.answer_words)
+    lettered = set(words) <= set(LETTERS) and set(task.answer_words) <= set(LETTERS)
+    if config.format == "letters" and lettered and task.examples:
+        most = max(len(e.choices) for e in task.examples)
+        if most > len(words):
+            raise ConfigError(f"{task.source}: a question has {most} choices, this letters-format head names "
+                              f"{len(words)} ({', '.join(words)}): letters heads score questions with at most that "
+                              "many choices (use --format options)")
+        task = replace(task, answer_words=words, num_classes=len(words))
+    encoded = encode_task(task, pipe.tokenizer, config.format, config.max_length)
     if config.format == "letters" and encoded.answer_ids != pipe.train.answer_ids:
-        raise ConfigError(f"{task} answers with {encoded.task.answer_words}, the head was trained on "
+        raise ConfigError(f"{task.name} answers with {encoded.task.answer_words}, the head was trained on "
                           f"{pipe.train.task.answer_words}: letters-format heads only transfer between tasks "
                           "with the same answer words (use --format options)")
     return encoded
@@ -139,7 +180,7 @@ def _cache_file(pipe: Pipeline, encoded: EncodedTask) -> Path | None:
     if not pipe.config.cache_dir or not isinstance(trunk, CachedTrunk):
         return None
     key = model_fingerprint(pipe.model, trunk.start_layer, trunk.dtype)
-    name = f"{encoded.task.name}-{encoded.task.split}-{encoded.format}-{encoded.max_length}-{len(encoded)}"
+    name = f"{file_label(encoded.task.name)}-{encoded.task.split}-{encoded.format}-{encoded.max_length}-{len(encoded)}"
     return Path(pipe.config.cache_dir).expanduser() / key / f"{name}.safetensors"
 
 
@@ -241,6 +282,14 @@ def _fit_ensemble(config: FitConfig, run_dir: Path, resume: bool, progress: bool
                   "trace_name": "nll_trace", "trace": trace}
 
 
+def check_buildable(config: FitConfig) -> None:
+    """Build the prior and the guide builder once: a bad name, file or argument fails here, not mid-run."""
+    from .bll.registry import load_guide
+
+    load_prior(config.prior, **config.prior_kwargs)
+    load_guide(config.guide, **config.guide_kwargs)
+
+
 def run_fit(config: FitConfig, out, overwrite: bool = False, resume: bool = False, progress: bool = True,
             log=print) -> dict:
     """Train ``config`` into RUN_DIR ``out`` (resuming from its latest checkpoint if asked).
@@ -248,6 +297,7 @@ def run_fit(config: FitConfig, out, overwrite: bool = False, resume: bool = Fals
     Under torchrun (:mod:`bayes_polar.training.distributed`) every process trains; rank 0 writes RUN_DIR and
     evaluates, and the other ranks return ``{}`` after training.
     """
+    check_buildable(config)  # before RUN_DIR exists
     run_dir = ddp.on_main(_prepare_run, out, config, overwrite, resume)
     if config.method == "lora-ensemble":
         pipe, info = _fit_ensemble(config, run_dir, resume, progress, log)
@@ -257,11 +307,15 @@ def run_fit(config: FitConfig, out, overwrite: bool = False, resume: bool = Fals
         ddp.on_main(save_artifacts, pipe, run_dir)
     if not ddp.is_main():
         return {}
+    RunLayout.of(pipe).save(run_dir, pipe.zero_shot)  # ensembles: once for the run, besides each member's
     trace_name, trace = info.pop("trace_name"), info.pop("trace")
     metrics = {"method": config.method, "task": config.task, "format": config.format,
                "backbone": backbone_placement(pipe.model), "train": info,
                trace_name: trace, "adapters": adapter_diagnostics(pipe.model), "evaluations": {},
                **pipe.method.extras}
+    if config.python_objects:
+        metrics["python_objects"] = {k: f"{v} (reloading needs the same object: load_run(run_dir, {k}=...))"
+                                     for k, v in config.python_objects.items()}
     evaluate_into(pipe, run_dir, metrics, eval_targets(config.eval_tasks, config.task), progress=progress)
     plot_elbo_trace(trace, run_dir / "elbo.png", ylabel="ELBO per example" if trace_name == "elbo_trace" else "NLL")
     atomic_write_json(run_dir / "metrics.json", metrics)
@@ -281,7 +335,10 @@ def split_features(pipe: Pipeline, task: str | None = None, split: str | None = 
     """
     task = task or pipe.config.task
     split = split or default_split(task)
-    if (task, split) == (pipe.config.task, "train"):
+    if (task, split) == (pipe.config.task, "train") and not len(pipe.train):  # a loaded run: read them again
+        limit = min(x for x in (limit, pipe.config.train_limit, 10 ** 12) if x is not None)
+        encoded = encode_eval(pipe, task, split, data_dir, limit)
+    elif (task, split) == (pipe.config.task, "train"):
         encoded = pipe.train if limit is None else replace(
             pipe.train, items=pipe.train.items[:limit], task=replace(pipe.train.task, examples=pipe.train.task.examples[:limit]))
     else:
@@ -359,7 +416,7 @@ def evaluate_into(pipe: Pipeline, run_dir: Path, metrics: dict, targets, data_di
         metrics["evaluations"][f"{task}/{split}"] = {**metrics_of(predictions), "truncated": encoded.num_truncated,
                                                      "dropped": encoded.task.dropped}
         save_predictions(run_dir / "predictions.safetensors", f"{task}/{split}", predictions)
-        name = task if split == default_split(task) else f"{task}_{split}"
+        name = file_label(task) if split == default_split(task) else f"{file_label(task)}_{split}"
         reliability_diagram(predictions["predictive"], predictions["labels"], run_dir / f"reliability_{name}.png",
                             title=f"{pipe.config.method} on {task}/{split}")
         curves = {pipe.config.method: selective_curve(predictions["predictive"], predictions["labels"]),
@@ -388,6 +445,7 @@ def save_artifacts(pipe: Pipeline, run_dir: Path) -> None:
     save_adapters(pipe.model, run_dir / "adapters.safetensors")
     head = {k: v.contiguous() for k, v in pipe.method.state_tensors().items() if not k.startswith("adapter.")}
     save_file(head, run_dir / "head.safetensors", metadata={"method": pipe.config.method})
+    RunLayout.of(pipe).save(run_dir, pipe.zero_shot)
 
 
 def _load_artifacts(pipe: Pipeline, run_dir: Path) -> None:
@@ -403,25 +461,38 @@ def backbone_placement(model) -> dict:
     return {"device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch.")}
 
 
-def load_run(run_dir, data_dir=None, device: str | None = None, dtype: str | None = None) -> Pipeline:
+def load_run(run_dir, data_dir=None, prior=None, guide=None, device: str | None = None,
+             dtype: str | None = None) -> Pipeline:
     """Rebuild a finished run: its config, adapters and head (Laplace, temperature, ensemble members).
 
-    ``device``/``dtype`` override where and in which precision the backbone runs (default: the run's).
+    Runs that saved their layout (``layout.json``) need no training data; older runs re-read it.
+    ``prior``/``guide``: the Python objects a run was configured with (config.json records only their
+    repr), or replacements for its names. ``device``/``dtype`` override where and in which precision
+    the backbone runs (default: the run's).
     """
     run_dir = Path(run_dir)
-    config = FitConfig.load(run_dir / "config.json")
-    overrides = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-    config = replace(config, **overrides) if overrides else config
+    from .config import read_json
+
+    values = read_json(run_dir / "config.json", "the configuration")
+    overrides = (("prior", prior), ("guide", guide), ("device", device), ("dtype", dtype))
+    values.update({k: v for k, v in overrides if v is not None})
+    layout = RunLayout.load(run_dir)
+    with saved_run() if layout is not None else contextlib.nullcontext():  # its tasks need not exist now
+        return _load_run(run_dir, FitConfig.from_dict(values), layout, data_dir)
+
+
+def _load_run(run_dir: Path, config: FitConfig, layout, data_dir) -> Pipeline:
     if config.method == "lora-ensemble":
         members, store, pipe = [], None, None
         for m in range(config.ensemble_size):
-            pipe = build_pipeline(_member_config(config, m), data_dir, store)
+            pipe = build_pipeline(_member_config(config, m), data_dir, store,
+                                  layout=layout or RunLayout.load(run_dir / "members" / str(m)))
             store = pipe.method.extractor.trunk.store if pipe.method.extractor.trunk is not None else None
             _load_artifacts(pipe, run_dir / "members" / str(m))
             members.append(pipe.method.state_tensors())
         pipe.method, pipe.config = Ensemble(pipe.method, members), config
         return pipe
-    pipe = build_pipeline(config, data_dir)
+    pipe = build_pipeline(config, data_dir, layout=layout)
     _load_artifacts(pipe, run_dir)
     pipe.model.eval()
     return pipe

@@ -1,5 +1,6 @@
 """Run configuration: validation messages, JSON round trip, CLI options and overrides."""
 import argparse
+import json
 
 import pytest
 
@@ -34,6 +35,42 @@ def test_json_round_trip_and_unknown_keys(tmp_path):
     assert again == config and again.prior_kwargs == {"variance": 0.5} and again.layer_indices is None
     with pytest.raises(ConfigError, match=r"Unknown configuration keys \['learning_rate'\]"):
         FitConfig.from_dict({"learning_rate": 0.1})
+
+
+def test_python_values_lists_dicts_and_objects(tmp_path):
+    from bayes_polar.models import IsotropicPrior
+
+    prior = IsotropicPrior(variance=0.5)
+    config = FitConfig(layers=[-2, -1], target_modules=["q_proj", "k_proj"], guide_args={"rank": 2}, prior=prior)
+    assert config.layer_indices == [-2, -1] and config.target_module_names == ["q_proj", "k_proj"]
+    assert config.guide_kwargs == {"rank": 2} and config.prior is prior
+    assert FitConfig(prior_args={"variance": 0.5}).prior_kwargs == {"variance": 0.5}
+    config.save(tmp_path / "config.json")
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["prior"] == "python:" + repr(prior) and saved["layers"] == "-2,-1"
+    with pytest.raises(ConfigError, match=r"was a Python object .*load_run\(run_dir, prior=\.\.\.\)"):
+        FitConfig.load(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"prior": object()}, "prior must be a prior name, a .py file or a bayes_polar.bll.model.Prior instance"),
+    ({"guide": 3}, "guide must be a guide name, a .py file or a callable"),
+    ({"layers": 3}, "layers must be a comma-separated string or a list"),
+    ({"prior_args": {"f": object()}}, "prior_args must hold JSON values"),
+])
+def test_bad_python_values(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        FitConfig(**kwargs)
+
+
+def test_a_bad_prior_leaves_nothing_on_disk(tmp_path):
+    from bayes_polar.run import run_fit
+
+    with pytest.raises(ConfigError):
+        run_fit(FitConfig(prior=object()), tmp_path / "run")
+    with pytest.raises(ConfigError, match="rejects the arguments"):  # valid JSON, but the prior refuses it
+        run_fit(FitConfig(model="tiny-random-llama", prior="isotropic", prior_args={"nope": 1}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_command_line_overrides_are_type_checked():

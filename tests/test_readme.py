@@ -1,4 +1,5 @@
 """The README's code runs as written: the Python example and the add-a-prior / add-a-guide recipe."""
+import json
 import re
 import subprocess
 import sys
@@ -70,3 +71,24 @@ def test_readme_names_only_existing_posterior_check_options():
     used = {option for block in _blocks("bash") if "bayes-polar posterior-check" in block
             for option in re.findall(r"(--[a-z][a-z-]+)", block)}
     assert used and all(option in check_help for option in used), used
+
+
+@pytest.mark.integration
+def test_your_own_data_example_runs(tmp_path):
+    """The 'Your own data' section end to end (tiny random Llama, two steps instead of the real model)."""
+    import os
+
+    section = (REPO / "README.md").read_text().split("## Your own data", 1)[1].split("\n## ", 1)[0]
+    bash = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    python = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(bash) == 2 and len(python) == 1
+    tiny = " --model tiny-random-llama --steps 2 --layers=-1 --rank 2 --threads 1 --max-length 64 --quiet"
+    script = bash[0].replace("--batch-size 4\n", "--batch-size 4" + tiny + "\n") + bash[1]
+    assert tiny in script
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, check=True, timeout=600, env=env)
+    lines = (tmp_path / "preds.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and {"entropy", "aleatoric", "epistemic"} <= set(json.loads(lines[0]))
+    assert (tmp_path / "exported" / "mine" / "model" / "config.json").exists()
+    (tmp_path / "pets.csv").write_text("prompt,opt1,opt2,opt3,gold\nWhich barks?,cat,dog,,dog\n")
+    subprocess.run([sys.executable, "-c", python[0]], cwd=tmp_path, check=True, timeout=300, env=env)

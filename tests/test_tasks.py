@@ -36,8 +36,13 @@ def test_row_counts(data_dir, name, split):
         assert 0 <= example.label < len(example.choices)
 
 
-def test_every_registered_task_is_counted():
-    assert {name for name, _ in COUNTS} == set(task_names())
+def test_every_local_task_is_counted_and_every_mmlu_subject_is_a_task():
+    from bayes_polar.data.tasks import MMLU_SUBJECTS
+
+    mmlu = {name for name in task_names() if name.startswith("mmlu_")}
+    assert len(MMLU_SUBJECTS) == 57 and mmlu == {f"mmlu_{s}" for s in MMLU_SUBJECTS}
+    local = {name for name, _ in COUNTS}
+    assert local == (set(task_names()) - mmlu) | {"mmlu_college_chemistry", "mmlu_college_physics"}
 
 
 def test_arc_numeric_labels_and_odd_choice_counts_are_kept(data_dir):
@@ -187,5 +192,19 @@ def test_missing_file_and_split_are_library_errors(tmp_path):
     with pytest.raises(MissingFileError, match=r"No data file at .*arc_easy/train.jsonl") as info:
         load_task("arc_easy", "train", tmp_path)
     assert isinstance(info.value, (BayesPolarError, FileNotFoundError))
-    with pytest.raises(DataFormatError, match=r"Task 'arc_easy' has no split 'test'; its splits: train, validation"):
-        load_task("arc_easy", "test", tmp_path)
+    with pytest.raises(DataFormatError, match=r"Task 'winogrande_s' has no split 'test'; its splits: train, validation"):
+        load_task("winogrande_s", "test", tmp_path)
+
+
+def test_test_splits_the_mirror_lacks_come_from_the_hub_or_fail_clearly(tmp_path, monkeypatch):
+    from bayes_polar.errors import OfflineError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from bayes_polar.data import hub
+    hub.hub_reachable.cache_clear()
+    try:
+        for name, split in (("arc_easy", "test"), ("openbookqa", "test"), ("mmlu_anatomy", "test")):
+            with pytest.raises(OfflineError, match=rf"Split '{split}' of {name} is not in the local mirror"):
+                load_task(name, split, tmp_path)
+    finally:
+        hub.hub_reachable.cache_clear()

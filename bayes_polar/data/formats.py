@@ -24,13 +24,13 @@ FORMATS = ("letters", "options")
 
 LETTERS_TEMPLATE = (
     "Return the label of the correct answer for the question below.\n\n"
-    "Question: {question}\nChoices:\n{choices}\nAnswer:"
+    "{passage}Question: {question}\nChoices:\n{choices}\nAnswer:"
 )
 BOOLEAN_TEMPLATE = (
     "Read the passage below and answer the question with the words 'true' or 'false'.\n\n"
     "{passage}Question: {question}\nAnswer (true or false):"
 )
-OPTION_CONTEXT = "Question: {question}\nAnswer:"
+OPTION_CONTEXT = "{passage}Question: {question}\nAnswer:"
 BOOLEAN_OPTION_CONTEXT = "{passage}Question: {question}?\nAnswer:"
 
 
@@ -49,7 +49,7 @@ def letters_prompt(example: Example, kind: str = "qa") -> str:
     if kind == "boolean":
         return BOOLEAN_TEMPLATE.format(passage=_passage(example), question=example.question)
     choices = "\n".join(f"{LETTERS[i]}) {text}" for i, text in enumerate(example.choices))
-    return LETTERS_TEMPLATE.format(question=example.question, choices=choices)
+    return LETTERS_TEMPLATE.format(passage=_passage(example), question=example.question, choices=choices)
 
 
 def option_texts(example: Example, kind: str = "qa") -> list[tuple[str, str]]:
@@ -67,7 +67,7 @@ def option_texts(example: Example, kind: str = "qa") -> list[tuple[str, str]]:
     if kind == "boolean":
         context = BOOLEAN_OPTION_CONTEXT.format(passage=_passage(example), question=example.question.rstrip("?"))
     else:
-        context = OPTION_CONTEXT.format(question=example.question)
+        context = OPTION_CONTEXT.format(passage=_passage(example), question=example.question)
     return [(context, " " + choice) for choice in example.choices]
 
 
@@ -88,7 +88,7 @@ class EncodedExample:
 
     sequences: list[list[int]]
     continuation_lengths: list[int]  # tokens scored for the LM log-likelihood (options only)
-    label: int
+    label: int | None  # None: unknown (prediction only)
     num_choices: int
     truncated: bool = False
 
@@ -169,7 +169,7 @@ class Batch:
 
     input_ids: torch.Tensor  # (S, L)
     attention_mask: torch.Tensor  # (S, L)
-    labels: torch.Tensor  # (B,)
+    labels: torch.Tensor  # (B,); -1 where the answer is unknown
     choice_mask: torch.Tensor  # (B, C) bool: which choices exist
     slots: torch.Tensor  # (S,) flat index into (B, C)
     continuation_lengths: torch.Tensor  # (S,)
@@ -211,7 +211,7 @@ class Collator:
         return Batch(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            labels=torch.tensor([item.label for item in items], dtype=torch.long),
+            labels=torch.tensor([-1 if item.label is None else item.label for item in items], dtype=torch.long),
             choice_mask=choice_mask,
             slots=torch.tensor(slots, dtype=torch.long),
             continuation_lengths=torch.tensor(lengths, dtype=torch.long),

@@ -2,8 +2,11 @@
 
 ``load_task(name, split, data_dir=None)`` reads the local mirror (``data_dir``, else
 ``$BAYES_POLAR_DATA``) through ``datasets.load_dataset("json" | "csv", data_files=...)``, or the
-Hugging Face hub id when no local folder is given. Every row is validated: a malformed row raises
-:class:`~bayes_polar.errors.DataFormatError` naming the file, the line and the field.
+Hugging Face hub id when no local folder is given; splits the mirror lacks (the ARC and
+OpenBookQA test splits, most MMLU subjects) come from the hub. Every row is validated: a malformed
+row raises :class:`~bayes_polar.errors.DataFormatError` naming the file, the line and the field.
+``name`` may also be the user's own file or folder, or a task named by ``register_task``
+(:mod:`bayes_polar.data.user_tasks`).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from typing import Callable
 from ..errors import BayesPolarWarning, DataFormatError, MissingFileError, UnknownTaskError
 from .hub import require_hub
 
-LETTERS = "ABCDEFGHIJ"
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 DATA_ENV = "BAYES_POLAR_DATA"
 
 
@@ -29,13 +32,14 @@ class Example:
     """One multiple-choice question.
 
     ``question`` is the question (ARC, OBQA, MMLU, BoolQ) or the sentence with a blank ``_``
-    (WinoGrande); ``choices`` the answer texts in order; ``label`` the index of the right one;
-    ``passage`` the BoolQ passage when there is one; ``uid`` a stable identifier.
+    (WinoGrande); ``choices`` the answer texts in order; ``label`` the index of the right one
+    (None when unknown: such questions can be predicted, not trained on or scored); ``passage``
+    the BoolQ passage or a user's context when there is one; ``uid`` a stable identifier.
     """
 
     question: str
     choices: tuple[str, ...]
-    label: int
+    label: int | None
     uid: str
     passage: str | None = None
 
@@ -79,6 +83,8 @@ class TaskSpec:
     hub_splits: dict[str, str] = field(default_factory=dict)  # split -> hub split name
     csv_columns: tuple[str, ...] | None = None
     kind: str = "qa"
+    hub_fallback: tuple[str, ...] = ()  # splits read from the hub when the local mirror lacks their file
+    default_split: str = "validation"  # the split evaluated by default
 
 
 def _need(row: Row, key: str, kind: type | tuple[type, ...] | None = None):
@@ -168,8 +174,9 @@ def _parse_mmlu(row: Row) -> Example:
 
 
 def _arc(config: str, folder: str) -> TaskSpec:
-    return TaskSpec("allenai/ai2_arc", config, folder, {"train": "train.jsonl", "validation": "validation.jsonl"},
-                    _parse_arc, num_classes=5)
+    return TaskSpec("allenai/ai2_arc", config, folder,
+                    {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"},
+                    _parse_arc, num_classes=5, hub_fallback=("test",))
 
 
 def _winogrande(size: str) -> TaskSpec:
@@ -180,9 +187,25 @@ def _winogrande(size: str) -> TaskSpec:
 
 def _mmlu(subject: str) -> TaskSpec:
     return TaskSpec("cais/mmlu", subject, "mmlu",
-                    {"test": f"{subject}_test.csv", "dev": f"{subject}_dev.csv"},
-                    _parse_mmlu, num_classes=4,
-                    csv_columns=("question", "A", "B", "C", "D", "answer"))
+                    {"test": f"{subject}_test.csv", "dev": f"{subject}_dev.csv", "validation": f"{subject}_val.csv"},
+                    _parse_mmlu, num_classes=4, csv_columns=("question", "A", "B", "C", "D", "answer"),
+                    hub_fallback=("test", "dev", "validation"), default_split="test")
+
+
+MMLU_SUBJECTS = (
+    "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge", "college_biology",
+    "college_chemistry", "college_computer_science", "college_mathematics", "college_medicine", "college_physics",
+    "computer_security", "conceptual_physics", "econometrics", "electrical_engineering", "elementary_mathematics",
+    "formal_logic", "global_facts", "high_school_biology", "high_school_chemistry", "high_school_computer_science",
+    "high_school_european_history", "high_school_geography", "high_school_government_and_politics",
+    "high_school_macroeconomics", "high_school_mathematics", "high_school_microeconomics", "high_school_physics",
+    "high_school_psychology", "high_school_statistics", "high_school_us_history", "high_school_world_history",
+    "human_aging", "human_sexuality", "international_law", "jurisprudence", "logical_fallacies", "machine_learning",
+    "management", "marketing", "medical_genetics", "miscellaneous", "moral_disputes", "moral_scenarios", "nutrition",
+    "philosophy", "prehistory", "professional_accounting", "professional_law", "professional_medicine",
+    "professional_psychology", "public_relations", "security_studies", "sociology", "us_foreign_policy", "virology",
+    "world_religions",
+)
 
 
 def _mmlu_hub_row(row: Row) -> Row:
@@ -196,16 +219,15 @@ TASKS: dict[str, TaskSpec] = {
     "arc_challenge": _arc("ARC-Challenge", "arc_challenge"),
     "arc_easy": _arc("ARC-Easy", "arc_easy"),
     "openbookqa": TaskSpec("allenai/openbookqa", "main", "openbookqa",
-                           {"train": "train.jsonl", "validation": "validation.jsonl"},
-                           _parse_obqa, num_classes=4),
+                           {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"},
+                           _parse_obqa, num_classes=4, hub_fallback=("test",)),
     "winogrande_xs": _winogrande("xs"),
     "winogrande_s": _winogrande("s"),
     "winogrande_m": _winogrande("m"),
     "boolq": TaskSpec("google/boolq", None, "boolq",
                       {"train": "train_nopassage.jsonl", "validation": "validation.jsonl"},
                       _parse_boolq, num_classes=2, answer_words=("False", "True"), kind="boolean"),
-    "mmlu_college_chemistry": _mmlu("college_chemistry"),
-    "mmlu_college_physics": _mmlu("college_physics"),
+    **{f"mmlu_{subject}": _mmlu(subject) for subject in MMLU_SUBJECTS},
 }
 
 
@@ -217,7 +239,28 @@ def task_spec(name: str) -> TaskSpec:
     try:
         return TASKS[name]
     except KeyError:
-        raise UnknownTaskError(f"Unknown task {name!r}; expected one of {', '.join(TASKS)}") from None
+        names = [n for n in TASKS if not n.startswith("mmlu_")]
+        raise UnknownTaskError(f"Unknown task {name!r}; expected one of {', '.join(names)}, mmlu_<subject> "
+                               f"({len(MMLU_SUBJECTS)} subjects), a task named by register_task, or a .jsonl/.csv "
+                               "file or folder of your own") from None
+
+
+def task_splits(name: str) -> list[str]:
+    """The splits of a task (built-in, registered or a path)."""
+    from .user_tasks import user_task_spec
+
+    user = user_task_spec(name)
+    return list(user.files) if user is not None else list(task_spec(name).files)
+
+
+def default_split(name: str) -> str:
+    """The split evaluated when none is named: ``validation`` (``test`` for MMLU, or a folder without one)."""
+    from .user_tasks import user_task_spec
+
+    user = user_task_spec(name)
+    if user is not None:
+        return "validation" if "validation" in user.files else ("test" if "test" in user.files else "train")
+    return task_spec(name).default_split
 
 
 def default_data_dir() -> Path | None:
@@ -231,15 +274,25 @@ def load_task(name: str, split: str, data_dir: str | os.PathLike | None = None, 
 
     Parameters
     ----------
-    name: one of :func:`task_names`.
-    split: ``train``, ``validation`` (``test``/``dev`` for MMLU).
+    name: one of :func:`task_names`, a task named by ``register_task``, or a ``.jsonl``/``.csv`` file or
+        folder in the generic schema (:mod:`bayes_polar.data.user_tasks`).
+    split: ``train``, ``validation``, ``test`` (ARC, OBQA, MMLU; from the hub where the mirror lacks
+        it), ``dev`` (MMLU).
     data_dir: folder of the local mirror (see ``shared/data/README.md``); defaults to
         ``$BAYES_POLAR_DATA``; when neither is set the hub id is used.
     limit: keep only the first ``limit`` examples (after validation of those rows).
     """
+    from .user_tasks import load_user_task, user_task_spec
+
+    user = user_task_spec(name)
+    if user is not None:
+        return load_user_task(user, split, limit)
     spec = task_spec(name)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
-    if data_dir is not None:
+    local = data_dir / spec.folder / spec.files[split] if data_dir is not None and split in spec.files else None
+    if data_dir is not None and split in spec.hub_fallback and not local.is_file():
+        rows, source = _hub_rows(name, spec, split, limit, missing=local)
+    elif data_dir is not None:
         rows, source = _local_rows(name, spec, split, data_dir, limit)
     else:
         rows, source = _hub_rows(name, spec, split, limit)
@@ -370,8 +423,13 @@ def _quiet(logger: str):
         log.setLevel(level)
 
 
-def _hub_rows(name: str, spec: TaskSpec, split: str, limit: int | None):
+def _hub_rows(name: str, spec: TaskSpec, split: str, limit: int | None, missing: Path | None = None):
+    if split not in spec.files:
+        raise DataFormatError(f"Task {name!r} has no split {split!r}; its splits: {', '.join(spec.files)}")
     hint = f"Pass --data-dir or set ${DATA_ENV} to a local mirror (see shared/data/README.md)."
+    if missing is not None:
+        hint = (f"Split {split!r} of {name} is not in the local mirror (no {missing}) and is read from the hub; "
+                f"put the file there to use it offline.")
     source = spec.hub_id + (f" ({spec.hub_config})" if spec.hub_config else "")
     require_hub("dataset", source, hint)
     dataset = _load_dataset(spec.hub_id, spec.hub_config, split=spec.hub_splits.get(split, split))
