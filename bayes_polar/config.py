@@ -52,7 +52,8 @@ class FitConfig:
     elbo: str = _help("ELBO estimator: jensen (closed form), mc or mc_meanfield (Pyro, any prior)", "jensen")
     num_particles: int = _help("Monte Carlo ELBO particles (W only; the backbone runs once)", 8)
     kl_weight: float | None = _help("weight of KL in the per-example ELBO (default 1/N)", None)
-    head_init: str = _help("initial head mean: zero_shot (the LM's own scores) or prior", "zero_shot")
+    head_init: str = _help("initial head mean: zero_shot (the LM's own scores at a temperature fitted on the "
+                           "training split; uniform if they do worse than uniform) or prior (its mean)", "zero_shot")
     # adapters
     rank: int = _help("adapter rank r", 8)
     alpha: float = _help("adapter scaling numerator (scale = alpha / r)", 16.0)
@@ -70,7 +71,7 @@ class FitConfig:
     adapter_steps: int = _help("adapter steps per round (alternating)", 1)
     head_warmup_steps: int = _help("first steps update the head only", 0)
     schedule: str = _help("learning-rate schedule: cosine, linear or constant", "cosine")
-    warmup_steps: int = _help("linear learning-rate warm-up steps", 20)
+    warmup_steps: int | None = _help("linear learning-rate warm-up steps (None: warmup_fraction of the steps)", None)
     clip_norm: float | None = _help("gradient-norm clipping (None: off)", 1.0)
     seed: int = _help("random seed", 0)
     # prediction
@@ -95,6 +96,14 @@ class FitConfig:
     orthogonality_tol: float | None = _help(
         "re-orthonormalise a PoLAR factor X or Y (projection onto the Stiefel manifold) when ||X^T X - I||_F "
         "exceeds this; logged in metrics.json (None: 1e-4 with riemannian_adam, 0.1 with landing)", None)
+    # what the last layer sees and where it starts
+    feature_standardization: bool = _help(
+        "divide each feature by its root mean square on the training split (after centring the options of each "
+        "question); fitted before training, saved with the head", True)
+    guide_init_scale: float = _help("initial posterior standard deviation of each weight, as a fraction of the "
+                                    "prior's (guide_args' init_scale, if given, is absolute)", 0.5)
+    warmup_fraction: float = _help("linear learning-rate warm-up over this fraction of the steps (unless "
+                                   "warmup_steps is given)", 0.05)
 
     def __post_init__(self):
         self.validate()
@@ -113,10 +122,14 @@ class FitConfig:
                      "predictive_samples", "mc_passes", "ensemble_size", "threads", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"Expected {name} >= 1 but got {getattr(self, name)}")
-        for name in ("head_warmup_steps", "warmup_steps", "checkpoint_every", "weight_decay", "max_skipped_batches"):
+        for name in ("head_warmup_steps", "checkpoint_every", "weight_decay", "max_skipped_batches"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"Expected {name} >= 0 but got {getattr(self, name)}")
-        for name in ("lr", "head_lr", "alpha"):
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(f"Expected warmup_steps >= 0 (or None) but got {self.warmup_steps}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"Expected 0 <= warmup_fraction < 1 but got {self.warmup_fraction}")
+        for name in ("lr", "head_lr", "alpha", "guide_init_scale"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"Expected {name} > 0 but got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
@@ -168,6 +181,13 @@ class FitConfig:
         if self.orthogonality_tol is not None:
             return float(self.orthogonality_tol)
         return ORTHOGONALITY_TOL[self.adapter_optimizer]
+
+    @property
+    def warmup_step_count(self) -> int:
+        """``warmup_steps`` if given, else round(warmup_fraction · steps)."""
+        if self.warmup_steps is not None:
+            return int(self.warmup_steps)
+        return int(round(self.warmup_fraction * self.steps))
 
     @property
     def target_module_names(self) -> list[str]:

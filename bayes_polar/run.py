@@ -27,6 +27,8 @@ from .training.faults import TrainingGuard
 from .data.features import FeatureExtractor, Features, answer_head_rows, extract_features
 from .data.formats import EncodedTask, encode_task, make_loader
 from .training.trainable_heads import zero_shot_weights
+from .training.head_start import fit_head_start
+from .data.normalization import FeatureScaling
 from .training.methods import Ensemble, Method, attach_adapters, build_method, first_adapted_block, is_variational
 from .data.prefix_cache import CachedTrunk, model_fingerprint
 from .bll.registry import load_prior
@@ -68,12 +70,15 @@ def _split_heldout(task: Task) -> tuple[Task, Task]:
     return keep, replace(task, examples=task.examples[cut:], split=f"{task.split}-heldout")
 
 
-def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = None, backbone=None) -> Pipeline:
+def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = None, backbone=None,
+                   saved: dict | None = None) -> Pipeline:
     """Backbone + adapters + features + head + steps for ``config`` (seeded).
 
     ``trunk_store``: a prefix-cache store shared with other pipelines on the same backbone (ensemble members).
     ``backbone``: a frozen ``(model, tokenizer)`` to use instead of loading ``config.model``, on
     any device and dtype (the adapters follow the model's device; the head stays on the CPU).
+    ``saved``: the head tensors of a finished run (:func:`load_run`): its feature scaling is used and
+    no start is fitted (the head is loaded next); otherwise :func:`fit_head_start` fits both.
     """
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -96,9 +101,18 @@ def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = 
             trunk.store = trunk_store
     extractor = FeatureExtractor(model, config.format, config.loglik_features, trunk)
     rows = answer_head_rows(model, train.answer_ids) if config.format == "letters" else None
-    init = zero_shot_weights(config.format, extractor.feature_dim, rows, config.loglik_features)
+    zero_shot = zero_shot_weights(config.format, extractor.feature_dim, rows, config.loglik_features)
+    if saved is None:
+        start = fit_head_start(extractor, train, tokenizer, zero_shot, config.feature_standardization,
+                               config.eval_batch_size)
+        zero_shot, init = start.zero_shot, start.init
+    else:
+        extractor.scaling = FeatureScaling.from_tensors(saved)
+        if extractor.scaling is not None:
+            zero_shot = extractor.scaling.weights(zero_shot)
+        init = zero_shot
     prior = load_prior(config.prior, **config.prior_kwargs)
-    prior.attach({"zero_shot_weights": init})
+    prior.attach({"zero_shot_weights": zero_shot})
     torch.manual_seed(config.seed + 1)
     method = build_method(config, model, extractor, dataset_size=len(train), num_rows=init.shape[0],
                           init=init, prior=prior)
@@ -107,7 +121,7 @@ def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = 
         dummy = Features(torch.zeros(1, num_classes if config.format == "options" else 1, extractor.feature_dim),
                          torch.ones(1, num_classes, dtype=torch.bool))
         method.head.setup(dummy, torch.zeros(1, dtype=torch.long))
-    return Pipeline(config, model, tokenizer, train, method, init, heldout)
+    return Pipeline(config, model, tokenizer, train, method, zero_shot, heldout)
 
 
 def encode_eval(pipe: Pipeline, task: str, split: str, data_dir=None, limit=None) -> EncodedTask:
@@ -337,10 +351,14 @@ def save_artifacts(pipe: Pipeline, run_dir: Path) -> None:
 
 
 def _load_artifacts(pipe: Pipeline, run_dir: Path) -> None:
+    load_adapters(pipe.model, run_dir / "adapters.safetensors")
+    pipe.method.load_head_tensors(_saved_head(run_dir))
+
+
+def _saved_head(run_dir: Path) -> dict:
     from safetensors.torch import load_file
 
-    load_adapters(pipe.model, run_dir / "adapters.safetensors")
-    pipe.method.load_head_tensors(load_file(run_dir / "head.safetensors"))
+    return load_file(run_dir / "head.safetensors")
 
 
 def load_run(run_dir, data_dir=None) -> Pipeline:
@@ -350,13 +368,14 @@ def load_run(run_dir, data_dir=None) -> Pipeline:
     if config.method == "lora-ensemble":
         members, store, pipe = [], None, None
         for m in range(config.ensemble_size):
-            pipe = build_pipeline(_member_config(config, m), data_dir, store)
+            member_dir = run_dir / "members" / str(m)
+            pipe = build_pipeline(_member_config(config, m), data_dir, store, saved=_saved_head(member_dir))
             store = pipe.method.extractor.trunk.store if pipe.method.extractor.trunk is not None else None
-            _load_artifacts(pipe, run_dir / "members" / str(m))
+            _load_artifacts(pipe, member_dir)
             members.append(pipe.method.state_tensors())
         pipe.method, pipe.config = Ensemble(pipe.method, members), config
         return pipe
-    pipe = build_pipeline(config, data_dir)
+    pipe = build_pipeline(config, data_dir, saved=_saved_head(run_dir))
     _load_artifacts(pipe, run_dir)
     pipe.model.eval()
     return pipe

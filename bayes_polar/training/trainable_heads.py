@@ -70,15 +70,19 @@ class VariationalHead:
     kl_weight: weight of KL in the per-example ELBO; None means 1/N (the true ELBO).
     init_loc: initial posterior mean (K, D), e.g. the zero-shot head; None: the prior mean.
     lr, lr_lambda, clip_norm: the guide optimiser (Pyro's ClippedAdam with a LambdaLR schedule).
+    init_scale: initial posterior standard deviation of each weight, for guides that take one
+        (None, or ``init_scale`` in ``guide_kwargs``: the guide's own).
     """
 
     def __init__(self, in_features: int, num_rows: int, prior: Prior, guide="full", *, dataset_size: int,
                  estimator: str = "jensen", num_particles: int = 8, kl_weight: float | None = None,
                  init_loc: torch.Tensor | None = None, lr: float = 1e-2, lr_lambda=None,
-                 clip_norm: float | None = None, guide_kwargs: dict | None = None):
+                 clip_norm: float | None = None, guide_kwargs: dict | None = None, init_scale: float | None = None):
         self._store, self._active = None, False
         self.model = BayesianLastLayer(in_features, num_rows, prior)
         builder = load_guide(guide, **(guide_kwargs or {}))
+        if init_scale is not None and "init_scale" not in (guide_kwargs or {}) and _accepts(builder, "init_scale"):
+            builder = partial(builder, init_scale=float(init_scale))
         if init_loc is not None and _accepts(builder, "init_loc_fn"):
             builder = partial(builder, init_loc_fn=init_to_value(values={WEIGHT_SITE: init_loc}))
         self.guide = make_guide(builder, self.model)
@@ -264,7 +268,12 @@ def _check_guide_update(loss: float, params) -> None:
 
 
 def _accepts(builder, name: str) -> bool:
+    """Whether ``builder`` takes keyword ``name`` (every WeightGuide takes init_scale and init_loc_fn)."""
+    from ..bll.guide import WeightGuide
+
     target = builder.func if isinstance(builder, partial) else builder
+    if inspect.isclass(target) and issubclass(target, WeightGuide):
+        return True
     try:
         return name in inspect.signature(target).parameters
     except (TypeError, ValueError):
