@@ -104,6 +104,8 @@ class FitConfig:
                                     "prior's (guide_args' init_scale, if given, is absolute)", 0.5)
     warmup_fraction: float = _help("linear learning-rate warm-up over this fraction of the steps (unless "
                                    "warmup_steps is given)", 0.05)
+    logit_noise: bool = _help("variational methods: VBLL's learned Gaussian logit noise (one variance per weight "
+                              "row, Wishart prior on its precision; needs --elbo jensen)", False)
 
     def __post_init__(self):
         self.validate()
@@ -138,6 +140,10 @@ class FitConfig:
             raise ConfigError(f"Expected kl_weight >= 0 but got {self.kl_weight}")
         if self.orthogonality_tol is not None and not self.orthogonality_tol > 0:
             raise ConfigError(f"Expected orthogonality_tol > 0 (or None) but got {self.orthogonality_tol}")
+        if self.logit_noise and self.elbo != "jensen":
+            raise ConfigError(f"logit_noise needs the closed-form ELBO (elbo='jensen'), got elbo={self.elbo!r}")
+        if self.logit_noise and not self.method.endswith(("vbll", "vbll-la")):
+            raise ConfigError(f"logit_noise is part of the variational head; method {self.method!r} has none")
         self.prior_kwargs, self.guide_kwargs  # parse now: bad JSON fails early
         self.layer_indices
         self._check_tasks()

@@ -115,7 +115,7 @@ def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = 
     prior.attach({"zero_shot_weights": zero_shot})
     torch.manual_seed(config.seed + 1)
     method = build_method(config, model, extractor, dataset_size=len(train), num_rows=init.shape[0],
-                          init=init, prior=prior)
+                          init=init, prior=prior, num_classes=train.num_classes)
     if is_variational(config.method):
         num_classes = train.num_classes
         dummy = Features(torch.zeros(1, num_classes if config.format == "options" else 1, extractor.feature_dim),

@@ -146,9 +146,11 @@ class BayesianLastLayer(PyroModule):
     in_features: D, the feature dimension.
     num_rows: K, the number of weight rows: the class count (``letters``) or 1 (``options``).
     prior: a :class:`Prior`; defaults to the isotropic N(0, I).
+    logit_noise: VBLL's learned logit noise (:class:`~bayes_polar.bll.logit_noise.LogitNoise`), read by the
+        closed-form ELBO and the predictive only (not a site of this model); None: none.
     """
 
-    def __init__(self, in_features: int, num_rows: int, prior: Prior | None = None):
+    def __init__(self, in_features: int, num_rows: int, prior: Prior | None = None, logit_noise=None):
         super().__init__()
         if in_features <= 0 or num_rows <= 0:
             raise ConfigError(f"Expected in_features > 0 and num_rows > 0 but got {in_features}, {num_rows}")
@@ -159,6 +161,7 @@ class BayesianLastLayer(PyroModule):
         if not isinstance(prior, Prior):
             raise ConfigError(f"prior must be a bayes_polar.bll.model.Prior, got {type(prior).__name__}")
         self.in_features, self.num_rows, self.prior = in_features, num_rows, prior
+        self.logit_noise = logit_noise
 
     def forward(self, phi, mask=None, y=None, dataset_size=None, kl_scale=1.0):
         batch = phi.shape[0]

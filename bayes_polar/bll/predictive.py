@@ -25,9 +25,14 @@ def _psd_sqrt(cov: torch.Tensor) -> torch.Tensor:
 
 
 def sample_logits(q: GaussianWeights, phi, mask=None, num_samples: int = DEFAULT_NUM_SAMPLES,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """(S, B, C) logit draws z ~ N(m, Cov(z)) under q; missing choices get −∞."""
+                  generator: torch.Generator | None = None, noise_variance=None) -> torch.Tensor:
+    """(S, B, C) logit draws z ~ N(m, Cov(z) + diag(σ²)) under q; missing choices get −∞.
+
+    ``noise_variance``: VBLL's logit noise σ² (C,) or (1,), independent per logit; None: none.
+    """
     mean, cov = q.logit_moments(phi)
+    if noise_variance is not None:
+        cov = cov + torch.diag_embed(noise_variance.to(cov.dtype).expand(mean.shape))
     if mask is not None:  # missing choices: no variance (their logit is −∞ anyway)
         keep = (mask.unsqueeze(-1) & mask.unsqueeze(-2)).to(cov.dtype)
         cov = cov * keep
@@ -39,9 +44,9 @@ def sample_logits(q: GaussianWeights, phi, mask=None, num_samples: int = DEFAULT
 
 
 def predictive_proba(q: GaussianWeights, phi, mask=None, num_samples: int = DEFAULT_NUM_SAMPLES,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, noise_variance=None) -> torch.Tensor:
     """(B, C) posterior predictive probabilities, averaging softmax over sampled logits."""
-    return sample_logits(q, phi, mask, num_samples, generator).softmax(-1).mean(0)
+    return sample_logits(q, phi, mask, num_samples, generator, noise_variance).softmax(-1).mean(0)
 
 
 def mean_proba(q: GaussianWeights, phi, mask=None) -> torch.Tensor:

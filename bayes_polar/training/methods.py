@@ -29,6 +29,7 @@ from ..data.features import FeatureExtractor, Features, check_finite_features
 from ..bll.model import head_logits, prior_scale
 from .trainable_heads import PointHead, VariationalHead
 from ..bll.laplace import fit_laplace
+from ..bll.logit_noise import LogitNoise
 from ..bll.predictive import predictive_proba
 from .steps import AdapterStep, GuideStep, JointStep, lr_lambda
 
@@ -236,8 +237,11 @@ class Ensemble:
 
 
 def build_method(config: FitConfig, model: nn.Module, extractor: FeatureExtractor, *, dataset_size: int,
-                 num_rows: int, init: torch.Tensor, prior) -> Method:
-    """Assemble the method of ``config`` around a backbone that already carries its adapters."""
+                 num_rows: int, init: torch.Tensor, prior, num_classes: int | None = None) -> Method:
+    """Assemble the method of ``config`` around a backbone that already carries its adapters.
+
+    ``num_classes``: choices per question (the logit noise's prior needs it; default ``num_rows``).
+    """
     schedule = lr_lambda(config.schedule, config.warmup_step_count, config.steps)
     weight_decay = config.weight_decay if config.method in ("lora-map", "lora-laplace") else 0.0
     optimizer = make_adapter_optimizer(model, config.adapter_optimizer, lr=config.lr, weight_decay=weight_decay)
@@ -247,7 +251,8 @@ def build_method(config: FitConfig, model: nn.Module, extractor: FeatureExtracto
             estimator=config.elbo, num_particles=config.num_particles, kl_weight=config.kl_weight,
             init_loc=init if config.head_init == "zero_shot" else None, lr=config.head_lr, lr_lambda=schedule,
             clip_norm=config.clip_norm, guide_kwargs=config.guide_kwargs,
-            init_scale=config.guide_init_scale * prior_scale(prior, extractor.feature_dim, num_rows))
+            init_scale=config.guide_init_scale * prior_scale(prior, extractor.feature_dim, num_rows),
+            logit_noise=LogitNoise(num_rows, num_classes or num_rows) if config.logit_noise else None)
     else:
         head_prior = prior if config.method in ("lora-map", "lora-laplace") else None
         head = PointHead(init, head_prior, dataset_size)
