@@ -63,7 +63,8 @@ class FitConfig:
     elbo: str = _help("ELBO estimator: jensen (closed form), mc or mc_meanfield (Pyro, any prior)", "jensen")
     num_particles: int = _help("Monte Carlo ELBO particles (W only; the backbone runs once)", 8)
     kl_weight: float | None = _help("weight of KL in the per-example ELBO (default 1/N)", None)
-    head_init: str = _help("initial head mean: zero_shot (the LM's own scores) or prior", "zero_shot")
+    head_init: str = _help("initial head mean: zero_shot (the LM's own scores at a temperature fitted on the "
+                           "training split; uniform if they do worse than uniform) or prior (its mean)", "zero_shot")
     # adapters
     rank: int = _help("adapter rank r", 8)
     alpha: float = _help("adapter scaling numerator (scale = alpha / r)", 16.0)
@@ -81,7 +82,7 @@ class FitConfig:
     adapter_steps: int = _help("adapter steps per round (alternating)", 1)
     head_warmup_steps: int = _help("first steps update the head only", 0)
     schedule: str = _help("learning-rate schedule: cosine, linear or constant", "cosine")
-    warmup_steps: int = _help("linear learning-rate warm-up steps", 20)
+    warmup_steps: int | None = _help("linear learning-rate warm-up steps (None: warmup_fraction of the steps)", None)
     clip_norm: float | None = _help("gradient-norm clipping (None: off)", 1.0)
     seed: int = _help("random seed", 0)
     # prediction
@@ -112,6 +113,16 @@ class FitConfig:
     orthogonality_tol: float | None = _help(
         "re-orthonormalise a PoLAR factor X or Y (projection onto the Stiefel manifold) when ||X^T X - I||_F "
         "exceeds this; logged in metrics.json (None: 1e-4 with riemannian_adam, 0.1 with landing)", None)
+    # what the last layer sees and where it starts
+    feature_standardization: bool = _help(
+        "divide each feature by its root mean square on the training split (after centring the options of each "
+        "question); fitted before training, saved with the head", True)
+    guide_init_scale: float = _help("initial posterior standard deviation of each weight, as a fraction of the "
+                                    "prior's (guide_args' init_scale, if given, is absolute)", 0.5)
+    warmup_fraction: float = _help("linear learning-rate warm-up over this fraction of the steps (unless "
+                                   "warmup_steps is given)", 0.05)
+    logit_noise: bool = _help("variational methods: VBLL's learned Gaussian logit noise (one variance per weight "
+                              "row, Wishart prior on its precision; needs --elbo jensen)", False)
 
     def __post_init__(self):
         self._normalise()
@@ -159,10 +170,14 @@ class FitConfig:
                      "predictive_samples", "mc_passes", "ensemble_size", "threads", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"Expected {name} >= 1 but got {getattr(self, name)}")
-        for name in ("head_warmup_steps", "warmup_steps", "checkpoint_every", "weight_decay", "max_skipped_batches"):
+        for name in ("head_warmup_steps", "checkpoint_every", "weight_decay", "max_skipped_batches"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"Expected {name} >= 0 but got {getattr(self, name)}")
-        for name in ("lr", "head_lr", "alpha"):
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(f"Expected warmup_steps >= 0 (or None) but got {self.warmup_steps}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"Expected 0 <= warmup_fraction < 1 but got {self.warmup_fraction}")
+        for name in ("lr", "head_lr", "alpha", "guide_init_scale"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"Expected {name} > 0 but got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
@@ -171,6 +186,10 @@ class FitConfig:
             raise ConfigError(f"Expected kl_weight >= 0 but got {self.kl_weight}")
         if self.orthogonality_tol is not None and not self.orthogonality_tol > 0:
             raise ConfigError(f"Expected orthogonality_tol > 0 (or None) but got {self.orthogonality_tol}")
+        if self.logit_noise and self.elbo != "jensen":
+            raise ConfigError(f"logit_noise needs the closed-form ELBO (elbo='jensen'), got elbo={self.elbo!r}")
+        if self.logit_noise and not self.method.endswith(("vbll", "vbll-la")):
+            raise ConfigError(f"logit_noise is part of the variational head; method {self.method!r} has none")
         self.prior_kwargs, self.guide_kwargs  # parse now: bad JSON fails early
         self._check_objects()
         self.layer_indices
@@ -248,6 +267,13 @@ class FitConfig:
         if self.orthogonality_tol is not None:
             return float(self.orthogonality_tol)
         return ORTHOGONALITY_TOL[self.adapter_optimizer]
+
+    @property
+    def warmup_step_count(self) -> int:
+        """``warmup_steps`` if given, else round(warmup_fraction · steps)."""
+        if self.warmup_steps is not None:
+            return int(self.warmup_steps)
+        return int(round(self.warmup_fraction * self.steps))
 
     @property
     def target_module_names(self) -> list[str]:

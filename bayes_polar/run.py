@@ -35,6 +35,8 @@ from .training.faults import TrainingGuard
 from .data.features import FeatureExtractor, Features, answer_head_rows, extract_features
 from .data.formats import EncodedTask, encode_task, make_loader
 from .training.trainable_heads import zero_shot_weights
+from .training.head_start import fit_head_start
+from .data.normalization import FeatureScaling
 from .training.methods import Ensemble, Method, attach_adapters, build_method, first_adapted_block, is_variational
 from .data.prefix_cache import CachedTrunk, model_fingerprint
 from .bll.registry import load_prior
@@ -78,7 +80,7 @@ def _split_heldout(task: Task) -> tuple[Task, Task]:
 
 
 def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = None, backbone=None,
-                   layout: tuple[RunLayout, torch.Tensor] | None = None) -> Pipeline:
+                   layout: tuple[RunLayout, torch.Tensor] | None = None, saved: dict | None = None) -> Pipeline:
     """Backbone + adapters + features + head + steps for ``config`` (seeded).
 
     ``trunk_store``: a prefix-cache store shared with other pipelines on the same backbone (ensemble members).
@@ -86,6 +88,8 @@ def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = 
     any device and dtype (the adapters follow the model's device; the head stays on the CPU).
     ``layout``: a saved run's layout and zero-shot head (:mod:`bayes_polar.run_layout`): no training
     data is read, ``pipe.train`` is empty.
+    ``saved``: the head tensors of a finished run (:func:`load_run`): its feature scaling is used and
+    no start is fitted (the head is loaded next); otherwise :func:`fit_head_start` fits both.
     """
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -118,23 +122,32 @@ def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = 
             trunk.store = trunk_store
     extractor = FeatureExtractor(model, config.format, config.loglik_features, trunk)
     rows = answer_head_rows(model, train.answer_ids) if config.format == "letters" else None
-    init = zero_shot_weights(config.format, extractor.feature_dim, rows, config.loglik_features)
-    if layout is not None:
-        if layout[1].shape != init.shape:
-            raise ConfigError(f"{ZERO_SHOT_FILE} holds a {tuple(layout[1].shape)} head, this backbone and format "
-                              f"give {tuple(init.shape)}")
-        init = layout[1]
+    zero_shot = zero_shot_weights(config.format, extractor.feature_dim, rows, config.loglik_features)
+    if saved is None:
+        start = fit_head_start(extractor, train, tokenizer, zero_shot, config.feature_standardization,
+                               config.eval_batch_size)
+        zero_shot, init = start.zero_shot, start.init
+    else:
+        extractor.scaling = FeatureScaling.from_tensors(saved)
+        if layout is not None:  # the zero-shot head as trained (already on the scaled features)
+            if layout[1].shape != zero_shot.shape:
+                raise ConfigError(f"{ZERO_SHOT_FILE} holds a {tuple(layout[1].shape)} head, this backbone and "
+                                  f"format give {tuple(zero_shot.shape)}")
+            zero_shot = layout[1]
+        elif extractor.scaling is not None:
+            zero_shot = extractor.scaling.weights(zero_shot)
+        init = zero_shot
     prior = load_prior(config.prior, **config.prior_kwargs)
-    prior.attach({"zero_shot_weights": init})
+    prior.attach({"zero_shot_weights": zero_shot})
     torch.manual_seed(config.seed + 1)
     method = build_method(config, model, extractor, dataset_size=dataset_size, num_rows=init.shape[0],
-                          init=init, prior=prior)
+                          init=init, prior=prior, num_classes=train.num_classes)
     if is_variational(config.method):
         num_classes = train.num_classes
         dummy = Features(torch.zeros(1, num_classes if config.format == "options" else 1, extractor.feature_dim),
                          torch.ones(1, num_classes, dtype=torch.bool))
         method.head.setup(dummy, torch.zeros(1, dtype=torch.long))
-    return Pipeline(config, model, tokenizer, train, method, init, heldout)
+    return Pipeline(config, model, tokenizer, train, method, zero_shot, heldout)
 
 
 def file_label(task: str) -> str:
@@ -449,10 +462,14 @@ def save_artifacts(pipe: Pipeline, run_dir: Path) -> None:
 
 
 def _load_artifacts(pipe: Pipeline, run_dir: Path) -> None:
+    load_adapters(pipe.model, run_dir / "adapters.safetensors")
+    pipe.method.load_head_tensors(_saved_head(run_dir))
+
+
+def _saved_head(run_dir: Path) -> dict:
     from safetensors.torch import load_file
 
-    load_adapters(pipe.model, run_dir / "adapters.safetensors")
-    pipe.method.load_head_tensors(load_file(run_dir / "head.safetensors"))
+    return load_file(run_dir / "head.safetensors")
 
 
 def backbone_placement(model) -> dict:
@@ -485,14 +502,15 @@ def _load_run(run_dir: Path, config: FitConfig, layout, data_dir) -> Pipeline:
     if config.method == "lora-ensemble":
         members, store, pipe = [], None, None
         for m in range(config.ensemble_size):
+            member_dir = run_dir / "members" / str(m)
             pipe = build_pipeline(_member_config(config, m), data_dir, store,
-                                  layout=layout or RunLayout.load(run_dir / "members" / str(m)))
+                                  layout=layout or RunLayout.load(member_dir), saved=_saved_head(member_dir))
             store = pipe.method.extractor.trunk.store if pipe.method.extractor.trunk is not None else None
-            _load_artifacts(pipe, run_dir / "members" / str(m))
+            _load_artifacts(pipe, member_dir)
             members.append(pipe.method.state_tensors())
         pipe.method, pipe.config = Ensemble(pipe.method, members), config
         return pipe
-    pipe = build_pipeline(config, data_dir, layout=layout)
+    pipe = build_pipeline(config, data_dir, layout=layout, saved=_saved_head(run_dir))
     _load_artifacts(pipe, run_dir)
     pipe.model.eval()
     return pipe

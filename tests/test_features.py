@@ -34,7 +34,9 @@ def test_letters_features_reproduce_the_lm_logits(tiny_llama):
 def test_option_loglik_matches_the_lm(tiny_llama):
     model, tokenizer = tiny_llama
     enc = encode_task(TASK, tokenizer, "options")
-    phi, mask, labels = extract_features(FeatureExtractor(model, "options"), make_loader(enc, tokenizer, batch_size=2))
+    batch = next(iter(make_loader(enc, tokenizer, batch_size=2)))
+    raw = FeatureExtractor(model, "options").raw(batch)
+    phi, mask, labels = raw.phi, raw.mask, batch.labels
     assert phi.shape == (2, 5, 34) and mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5]
     assert labels.tolist() == [1, 0]
     assert torch.equal(phi[0, 3:], torch.zeros(2, 34)), "missing options stay zero"
@@ -51,3 +53,20 @@ def test_loglik_features_can_be_switched_off(tiny_llama):
     extractor = FeatureExtractor(model, "options", loglik_features=False)
     enc = encode_task(TASK, tokenizer, "options")
     assert extractor(next(iter(make_loader(enc, tokenizer)))).phi.shape[-1] == extractor.feature_dim == 32
+
+
+def test_the_head_sees_options_centred_within_each_question_and_scaled(tiny_llama):
+    from bayes_polar.data.normalization import FeatureScaling
+
+    model, tokenizer = tiny_llama
+    enc = encode_task(TASK, tokenizer, "options")
+    batch = next(iter(make_loader(enc, tokenizer, batch_size=2)))
+    extractor = FeatureExtractor(model, "options")
+    raw, centred = extractor.raw(batch), extractor(batch)
+    valid = centred.mask.unsqueeze(-1).float()
+    torch.testing.assert_close((centred.phi * valid).sum(1), torch.zeros(2, 34), atol=1e-4, rtol=0)
+    assert torch.equal(centred.phi[0, 3:], torch.zeros(2, 34)), "missing options stay zero"
+    differences = raw.phi[:, :1] - raw.phi  # what the softmax sees is kept
+    torch.testing.assert_close((centred.phi[:, :1] - centred.phi)[centred.mask], differences[raw.mask])
+    extractor.scaling = FeatureScaling(torch.linspace(0.5, 4.0, 34))
+    torch.testing.assert_close(extractor(batch).phi, centred.phi / extractor.scaling.scale)

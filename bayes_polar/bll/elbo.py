@@ -11,7 +11,8 @@ term is KL/N.) ``jensen``: the paper's closed form for a Gaussian prior and guid
     \\mathbb E_q[\\log \\operatorname{softmax}(z)_y] \\ \\ge\\ m_y - \\log \\sum_c \\exp(m_c + v_c / 2),
     \\qquad m_c = \\mu_{k(c)}^\\top\\phi_c,\\ \\ v_c = \\phi_c^\\top S_{k(c)} \\phi_c,
 
-with the analytic KL. ``mc``: Pyro's ``Trace_ELBO`` with vectorised particles over W only
+with the analytic KL (and, with VBLL's logit noise, σ² added to v_c and log p(Λ) to the bound:
+:mod:`~bayes_polar.bll.logit_noise`). ``mc``: Pyro's ``Trace_ELBO`` with vectorised particles over W only
 (the backbone runs once), valid for every prior/guide pair.
 """
 from __future__ import annotations
@@ -27,10 +28,15 @@ from .posterior import GaussianWeights, initialize_guide, kl_to_normal, weight_p
 ESTIMATORS = ("jensen", "mc", "mc_meanfield")
 
 
-def jensen_expected_loglik(q: GaussianWeights, phi, y, mask=None) -> torch.Tensor:
-    """(B,) lower bound m_y − log Σ_c exp(m_c + v_c/2) of E_q[log softmax(z)_y]."""
+def jensen_expected_loglik(q: GaussianWeights, phi, y, mask=None, noise_variance=None) -> torch.Tensor:
+    """(B,) lower bound m_y − log Σ_c exp(m_c + v_c/2) of E_q[log softmax(z)_y].
+
+    ``noise_variance``: VBLL's logit noise σ² (broadcast over (B, C)), added to each v_c.
+    """
     mean, cov = q.logit_moments(phi)
     var = cov.diagonal(dim1=-2, dim2=-1)
+    if noise_variance is not None:
+        var = var + noise_variance
     lse_input = mean + 0.5 * var
     if mask is not None:
         lse_input = lse_input.masked_fill(~mask.bool(), float("-inf"))
@@ -58,8 +64,12 @@ class JensenELBO(ELBO):
         q = weight_posterior(guide)
         prior_loc, prior_var = model.prior.gaussian_moments(model.in_features, model.num_rows)
         dataset_size = bound.arguments["dataset_size"] or phi.shape[0]
-        loglik_term = jensen_expected_loglik(q, phi, y, mask).sum() * (dataset_size / phi.shape[0])
+        noise = model.logit_noise
+        noise_variance = None if noise is None else noise.variance()
+        loglik_term = jensen_expected_loglik(q, phi, y, mask, noise_variance).sum() * (dataset_size / phi.shape[0])
         kl_term = kl_to_normal(q, prior_loc, prior_var) * bound.arguments["kl_scale"]
+        if noise is not None:  # the noise is a point estimate under its prior: log p(Λ) joins the bound
+            kl_term = kl_term - noise.log_prior() * bound.arguments["kl_scale"]
         return -(loglik_term - kl_term)
 
     def _get_trace(self, model, guide, args, kwargs):

@@ -89,6 +89,30 @@ class Prior(ABC):
         return f"{type(self).__name__}({args})"
 
 
+def prior_scale(prior: Prior, in_features: int, num_rows: int, draws: int = 64) -> float:
+    """A typical prior standard deviation of one weight: the median over weights of the scale of p(W).
+
+    The scale is the distribution's ``scale`` (σ of a Normal, s of a Student-t or Laplace), else its
+    ``stddev``. Hierarchical priors are drawn ``draws`` times (hyperparameters included, outside any
+    trace and with the global RNG restored) and the median is over all draws.
+    """
+    scales = []
+    with poutine.block(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        hierarchical = bool(prior.hyper_sites(in_features, num_rows))
+        for _ in range(draws if hierarchical else 1):
+            base = prior.distribution(in_features, num_rows)
+            while isinstance(base, dist.Independent):
+                base = base.base_dist
+            scale = base.scale if hasattr(base, "scale") else base.stddev
+            scales.append(torch.as_tensor(scale).detach().expand(num_rows, in_features).flatten())
+    value = float(torch.cat(scales).median())
+    if not (value > 0 and value < float("inf")):
+        raise ConfigError(f"{type(prior).__name__} has no finite positive scale ({value}) to derive the guide's from: "
+                          "give the guide an absolute init_scale in guide_args")
+    return value
+
+
 class FnPrior(Prior):
     """Escape hatch: ``FnPrior(lambda d, k: dist.Laplace(torch.zeros(k, d), 0.1))``."""
 
@@ -122,9 +146,11 @@ class BayesianLastLayer(PyroModule):
     in_features: D, the feature dimension.
     num_rows: K, the number of weight rows: the class count (``letters``) or 1 (``options``).
     prior: a :class:`Prior`; defaults to the isotropic N(0, I).
+    logit_noise: VBLL's learned logit noise (:class:`~bayes_polar.bll.logit_noise.LogitNoise`), read by the
+        closed-form ELBO and the predictive only (not a site of this model); None: none.
     """
 
-    def __init__(self, in_features: int, num_rows: int, prior: Prior | None = None):
+    def __init__(self, in_features: int, num_rows: int, prior: Prior | None = None, logit_noise=None):
         super().__init__()
         if in_features <= 0 or num_rows <= 0:
             raise ConfigError(f"Expected in_features > 0 and num_rows > 0 but got {in_features}, {num_rows}")
@@ -135,6 +161,7 @@ class BayesianLastLayer(PyroModule):
         if not isinstance(prior, Prior):
             raise ConfigError(f"prior must be a bayes_polar.bll.model.Prior, got {type(prior).__name__}")
         self.in_features, self.num_rows, self.prior = in_features, num_rows, prior
+        self.logit_noise = logit_noise
 
     def forward(self, phi, mask=None, y=None, dataset_size=None, kl_scale=1.0):
         batch = phi.shape[0]

@@ -25,9 +25,14 @@ def _psd_sqrt(cov: torch.Tensor) -> torch.Tensor:
 
 
 def sample_logits(q: GaussianWeights, phi, mask=None, num_samples: int = DEFAULT_NUM_SAMPLES,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """(S, B, C) logit draws z ~ N(m, Cov(z)) under q; missing choices get −∞."""
+                  generator: torch.Generator | None = None, noise_variance=None) -> torch.Tensor:
+    """(S, B, C) logit draws z ~ N(m, Cov(z) + diag(σ²)) under q; missing choices get −∞.
+
+    ``noise_variance``: VBLL's logit noise σ² (C,) or (1,), independent per logit; None: none.
+    """
     mean, cov = q.logit_moments(phi)
+    if noise_variance is not None:
+        cov = cov + torch.diag_embed(noise_variance.to(cov.dtype).expand(mean.shape))
     if mask is not None:  # missing choices: no variance (their logit is −∞ anyway)
         keep = (mask.unsqueeze(-1) & mask.unsqueeze(-2)).to(cov.dtype)
         cov = cov * keep
@@ -39,19 +44,20 @@ def sample_logits(q: GaussianWeights, phi, mask=None, num_samples: int = DEFAULT
 
 
 def sample_proba(q: GaussianWeights, phi, mask=None, num_samples: int = DEFAULT_NUM_SAMPLES,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, noise_variance=None) -> torch.Tensor:
     """(S, B, C) per-draw probabilities softmax(z_s), z_s sampled by :func:`sample_logits`."""
-    return sample_logits(q, phi, mask, num_samples, generator).softmax(-1)
+    return sample_logits(q, phi, mask, num_samples, generator, noise_variance).softmax(-1)
 
 
 def predictive_proba(q: GaussianWeights, phi, mask=None, num_samples: int = DEFAULT_NUM_SAMPLES,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, noise_variance=None) -> torch.Tensor:
     """(B, C) posterior predictive probabilities, averaging softmax over sampled logits."""
-    return sample_proba(q, phi, mask, num_samples, generator).mean(0)
+    return sample_proba(q, phi, mask, num_samples, generator, noise_variance).mean(0)
 
 
 def logit_variance(q: GaussianWeights, phi, mask=None) -> torch.Tensor:
-    """(B, C) marginal logit variances Var(z_c) = φ_cᵀ Σ_{k(c)} φ_c under q; 0 on missing choices."""
+    """(B, C) marginal logit variances Var(z_c) = φ_cᵀ Σ_{k(c)} φ_c under q (logit noise not included);
+    0 on missing choices."""
     var = q.logit_moments(phi)[1].diagonal(dim1=-2, dim2=-1)
     return var if mask is None else var * mask
 

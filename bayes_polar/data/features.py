@@ -7,7 +7,10 @@ norm) of shape (S, L, d). ``letters``: φ = h[:, -1], shaped (B, 1, d). ``option
 .. math:: \\ell_{sum} = \\sum_{j \\in cont} \\log p_{LM}(t_j \\mid t_{<j}), \\qquad
           \\ell_{mean} = \\ell_{sum} / |cont|
 
-are the LM's own log-likelihood of the option text (on by default).
+are the LM's own log-likelihood of the option text (on by default). The head sees them through
+:func:`~bayes_polar.data.normalization.head_features` (options centred within each question, then
+scaled per dimension by the run's :class:`~bayes_polar.data.normalization.FeatureScaling`): every
+consumer of the extractor (training, prediction, Laplace, inspection, posterior check) gets the same.
 
 The backbone may sit on any device and dtype: batches stay on the CPU, the trunk moves their
 token ids to the backbone, and φ comes back as float32 on the CPU, where the (small) last layer
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import NumericalError
 from .formats import Batch, check_format
+from .normalization import FeatureScaling, head_features
 
 
 def model_device(model) -> torch.device:
@@ -79,19 +83,28 @@ class FeatureExtractor:
     format: ``letters`` or ``options``.
     loglik_features: options only; append the option log-likelihood (sum, mean) to φ.
     trunk: what produces the final hidden states; defaults to the full decoder.
+    scaling: the run's per-dimension feature scaling (None: unscaled; set once fitted).
     """
 
-    def __init__(self, model, format: str = "options", loglik_features: bool = True, trunk=None):
+    def __init__(self, model, format: str = "options", loglik_features: bool = True, trunk=None,
+                 scaling: FeatureScaling | None = None):
         self.model = model
         self.format = check_format(format)
         self.loglik_features = loglik_features and format == "options"
         self.trunk = trunk if trunk is not None else FullTrunk(model)
+        self.scaling = scaling
 
     @property
     def feature_dim(self) -> int:
         return self.model.config.hidden_size + (2 if self.loglik_features else 0)
 
     def __call__(self, batch: Batch) -> Features:
+        """The head's input: :meth:`raw` features centred (options) and scaled."""
+        raw = self.raw(batch)
+        return Features(head_features(raw.phi, raw.mask, self.scaling), raw.mask)
+
+    def raw(self, batch: Batch) -> Features:
+        """Features as the backbone gives them: neither centred nor scaled."""
         hidden = self.trunk(batch)  # (S, L, d)
         last = hidden[:, -1].float()  # (S, d)
         if self.format == "letters":

@@ -33,6 +33,7 @@ import torch
 
 from ..errors import ConfigError
 from .metrics import classification_metrics
+from ..data.normalization import centre_options
 from ..bll.model import BayesianLastLayer, Prior
 from .inspection import from_weight_draws, guide_draws, plot_forest, save_inference_data, summary
 from ..bll.posterior import WEIGHT_SITE, weight_posterior
@@ -58,9 +59,7 @@ def _centred_rows(phi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if phi.shape[1] == 1:
         rows = phi[:, 0]
         return rows - rows.mean(0)
-    weights = mask.unsqueeze(-1).to(phi.dtype)
-    centre = (phi * weights).sum(1) / weights.sum(1).clamp(min=1)
-    return (phi - centre.unsqueeze(1))[mask.bool()]
+    return centre_options(phi, mask)[mask.bool()]
 
 
 def feature_projection(phi, mask, dims: int, include: torch.Tensor | None = None) -> Projection:

@@ -26,9 +26,10 @@ from ..adapters import adapter_state_dict, adapters_disabled, inject_lora, injec
 from ..adapters.inject import find_blocks, resolve_layers
 from ..config import FitConfig
 from ..data.features import FeatureExtractor, Features, check_finite_features
-from ..bll.model import head_logits
+from ..bll.model import head_logits, prior_scale
 from .trainable_heads import PointHead, VariationalHead
 from ..bll.laplace import fit_laplace
+from ..bll.logit_noise import LogitNoise
 from ..bll.predictive import logit_variance, sample_proba
 from .steps import AdapterStep, GuideStep, JointStep, lr_lambda
 
@@ -179,6 +180,8 @@ class Method:
         tensors.update({f"head.{k}": v for k, v in self.head.state_tensors().items()})
         if self.laplace is not None:
             tensors["laplace.loc"], tensors["laplace.factor"] = self.laplace.loc, self.laplace.factor
+        if self.extractor.scaling is not None:
+            tensors.update(self.extractor.scaling.state_tensors())
         return tensors
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -190,9 +193,11 @@ class Method:
         self.load_head_tensors({k: v for k, v in tensors.items() if not k.startswith("adapter.")})
 
     def load_head_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Head (and Laplace) tensors as written by :meth:`state_tensors`, without the adapters."""
+        """Head (Laplace, feature scaling) tensors as written by :meth:`state_tensors`, without the adapters."""
         from ..bll.posterior import GaussianWeights
+        from ..data.normalization import FeatureScaling
 
+        self.extractor.scaling = FeatureScaling.from_tensors(tensors)
         self.head.load_state_tensors({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
         if "laplace.loc" in tensors:
             self.laplace = GaussianWeights(tensors["laplace.loc"], factor=tensors["laplace.factor"],
@@ -257,9 +262,12 @@ class Ensemble:
 
 
 def build_method(config: FitConfig, model: nn.Module, extractor: FeatureExtractor, *, dataset_size: int,
-                 num_rows: int, init: torch.Tensor, prior) -> Method:
-    """Assemble the method of ``config`` around a backbone that already carries its adapters."""
-    schedule = lr_lambda(config.schedule, config.warmup_steps, config.steps)
+                 num_rows: int, init: torch.Tensor, prior, num_classes: int | None = None) -> Method:
+    """Assemble the method of ``config`` around a backbone that already carries its adapters.
+
+    ``num_classes``: choices per question (the logit noise's prior needs it; default ``num_rows``).
+    """
+    schedule = lr_lambda(config.schedule, config.warmup_step_count, config.steps)
     weight_decay = config.weight_decay if config.method in ("lora-map", "lora-laplace") else 0.0
     optimizer = make_adapter_optimizer(model, config.adapter_optimizer, lr=config.lr, weight_decay=weight_decay)
     if is_variational(config.method):
@@ -267,7 +275,9 @@ def build_method(config: FitConfig, model: nn.Module, extractor: FeatureExtracto
             extractor.feature_dim, num_rows, prior, config.guide, dataset_size=dataset_size,
             estimator=config.elbo, num_particles=config.num_particles, kl_weight=config.kl_weight,
             init_loc=init if config.head_init == "zero_shot" else None, lr=config.head_lr, lr_lambda=schedule,
-            clip_norm=config.clip_norm, guide_kwargs=config.guide_kwargs)
+            clip_norm=config.clip_norm, guide_kwargs=config.guide_kwargs,
+            init_scale=config.guide_init_scale * prior_scale(prior, extractor.feature_dim, num_rows),
+            logit_noise=LogitNoise(num_rows, num_classes or num_rows) if config.logit_noise else None)
     else:
         head_prior = prior if config.method in ("lora-map", "lora-laplace") else None
         head = PointHead(init, head_prior, dataset_size)

@@ -25,6 +25,7 @@ from pyro.optim.clipped_adam import ClippedAdam
 from torch import nn
 
 from ..bll.elbo import make_elbo
+from ..bll.logit_noise import check_estimator
 from ..errors import ConfigError, NumericalError
 from ..data.features import Features
 from ..bll.model import BayesianLastLayer, Prior, head_logits
@@ -70,15 +71,23 @@ class VariationalHead:
     kl_weight: weight of KL in the per-example ELBO; None means 1/N (the true ELBO).
     init_loc: initial posterior mean (K, D), e.g. the zero-shot head; None: the prior mean.
     lr, lr_lambda, clip_norm: the guide optimiser (Pyro's ClippedAdam with a LambdaLR schedule).
+    init_scale: initial posterior standard deviation of each weight, for guides that take one
+        (None, or ``init_scale`` in ``guide_kwargs``: the guide's own).
+    logit_noise: VBLL's learned logit noise (:class:`~bayes_polar.bll.logit_noise.LogitNoise`, jensen only).
     """
 
     def __init__(self, in_features: int, num_rows: int, prior: Prior, guide="full", *, dataset_size: int,
                  estimator: str = "jensen", num_particles: int = 8, kl_weight: float | None = None,
                  init_loc: torch.Tensor | None = None, lr: float = 1e-2, lr_lambda=None,
-                 clip_norm: float | None = None, guide_kwargs: dict | None = None):
+                 clip_norm: float | None = None, guide_kwargs: dict | None = None, init_scale: float | None = None,
+                 logit_noise=None):
         self._store, self._active = None, False
-        self.model = BayesianLastLayer(in_features, num_rows, prior)
+        if logit_noise is not None:
+            check_estimator(estimator)
+        self.model = BayesianLastLayer(in_features, num_rows, prior, logit_noise)
         builder = load_guide(guide, **(guide_kwargs or {}))
+        if init_scale is not None and "init_scale" not in (guide_kwargs or {}) and _accepts(builder, "init_scale"):
+            builder = partial(builder, init_scale=float(init_scale))
         if init_loc is not None and _accepts(builder, "init_loc_fn"):
             builder = partial(builder, init_loc_fn=init_to_value(values={WEIGHT_SITE: init_loc}))
         self.guide = make_guide(builder, self.model)
@@ -122,6 +131,8 @@ class VariationalHead:
         """Create the guide's parameters (Pyro does it lazily on the first call)."""
         args, kwargs = self._args(features.detach(), labels)
         initialize_guide(self.guide, *args, **kwargs)
+        if self.model.logit_noise is not None:
+            self.model.logit_noise.variance()  # its parameter exists before a checkpoint is loaded into it
 
     def _loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         """The ELBO's ``loss_and_grads``, then gradient averaging over processes (``grad_sync``,
@@ -171,7 +182,9 @@ class VariationalHead:
             q = self.posterior()
         except ConfigError:
             return pyro_sample_proba(self.guide, features.phi, features.mask, num_samples)
-        return sample_proba(q, features.phi, features.mask, num_samples)
+        noise = self.model.logit_noise
+        return sample_proba(q, features.phi, features.mask, num_samples,
+                            noise_variance=None if noise is None else noise.variance().detach())
 
     @_scoped
     @torch.no_grad()
@@ -288,7 +301,12 @@ def _check_guide_update(loss: float, params) -> None:
 
 
 def _accepts(builder, name: str) -> bool:
+    """Whether ``builder`` takes keyword ``name`` (every WeightGuide takes init_scale and init_loc_fn)."""
+    from ..bll.guide import WeightGuide
+
     target = builder.func if isinstance(builder, partial) else builder
+    if inspect.isclass(target) and issubclass(target, WeightGuide):
+        return True
     try:
         return name in inspect.signature(target).parameters
     except (TypeError, ValueError):
