@@ -64,8 +64,25 @@ def _cmd_demo(args) -> int:
 def _cmd_evaluate(args) -> int:
     from .run import evaluate_run
 
-    evaluate_run(args.run_dir, args.task, args.split, args.data_dir, args.limit)
+    evaluate_run(args.run_dir, args.task, args.split, args.data_dir, args.limit, **_trust(args))
     return 0
+
+
+def _add_trust_arguments(parser) -> None:
+    """What a command loading RUN_DIR lets run or write: never decided by the run directory itself."""
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let transformers run the Python code of the run's model (only for a model you trust)")
+    parser.add_argument("--allow-code-from-run", action="store_true",
+                        help="import the prior / guide .py file the run's config.json names")
+    parser.add_argument("--prior", default=None, help="the run's prior .py file, re-passed: it runs (as with fit)")
+    parser.add_argument("--guide", default=None, help="the run's guide .py file, re-passed: it runs (as with fit)")
+    parser.add_argument("--cache-dir", default=None, help="folder for the prefix cache (default: memory only; "
+                        "the run's own cache_dir is ignored)")
+
+
+def _trust(args) -> dict:
+    return dict(trust_remote_code=args.trust_remote_code, allow_code_from_run=args.allow_code_from_run,
+                prior=args.prior, guide=args.guide, cache_dir=args.cache_dir)
 
 
 def _cmd_table(args) -> int:
@@ -78,8 +95,10 @@ def _cmd_table(args) -> int:
 
 def _cmd_posterior_check(args) -> int:
     from .evaluation.posterior_check import posterior_check
+    from .run import load_run
 
-    posterior_check(args.run_dir, task=args.task, split=args.split, limit=args.limit, eval_split=args.eval_split,
+    pipe = load_run(args.run_dir, args.data_dir, **_trust(args))
+    posterior_check(pipe, run_dir=args.run_dir, task=args.task, split=args.split, limit=args.limit, eval_split=args.eval_split,
                     eval_limit=args.eval_limit, dims=args.dims, num_samples=args.num_samples, warmup=args.warmup,
                     chains=args.chains, vi_steps=args.vi_steps, elbo=args.elbo, data_dir=args.data_dir, seed=args.seed,
                     progress=not args.quiet)
@@ -120,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default=None, help="split (default: validation, or test for MMLU)")
     evaluate.add_argument("--data-dir", default=None, help="local data mirror (default: the run's or $BAYES_POLAR_DATA)")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
+    _add_trust_arguments(evaluate)
     evaluate.set_defaults(func=_cmd_evaluate)
 
     table = sub.add_parser("table", help="run a grid of methods x tasks x seeds and write the results table")
@@ -147,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=int, default=0, help="random seed")
     check.add_argument("--data-dir", default=None, help="local data mirror (default: the run's or $BAYES_POLAR_DATA)")
     check.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_trust_arguments(check)
     check.set_defaults(func=_cmd_posterior_check)
 
     tasks = sub.add_parser("tasks", help="list the benchmark tasks and their row counts")

@@ -75,3 +75,7 @@ class InvalidValueError(BayesPolarError, ValueError):
 
 class InvalidTypeError(BayesPolarError, TypeError):
     """An argument of the wrong type or dtype (says which one was expected)."""
+
+
+class RunDirBusyError(BayesPolarError, OSError):
+    """A run directory another live bayes-polar process holds (names that process's PID)."""

@@ -8,6 +8,7 @@ ensembles keep one such set per member under ``members/<m>/``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, replace
@@ -20,10 +21,12 @@ from .training import distributed as ddp
 from .adapters import adapter_diagnostics, load_adapters, save_adapters
 from .data.backbone import load_backbone
 from .training.checkpoint import atomic_write_json, latest_checkpoint, load_checkpoint, prepare_run_dir
-from .config import FitConfig
-from .errors import ConfigError
+from .config import FitConfig, read_json
+from .errors import ConfigError, MissingFileError
 from .evaluation.metrics import classification_metrics, plot_elbo_trace, reliability_diagram
 from .training.faults import TrainingGuard
+from .training.lock import RunLock, open_run_dir
+from .trusted import loading_config
 from .data.features import FeatureExtractor, Features, answer_head_rows, extract_features
 from .data.formats import EncodedTask, encode_task, make_loader
 from .training.trainable_heads import zero_shot_weights
@@ -234,10 +237,16 @@ def run_fit(config: FitConfig, out, overwrite: bool = False, resume: bool = Fals
             log=print) -> dict:
     """Train ``config`` into RUN_DIR ``out`` (resuming from its latest checkpoint if asked).
 
-    Under torchrun (:mod:`bayes_polar.training.distributed`) every process trains; rank 0 writes RUN_DIR and
-    evaluates, and the other ranks return ``{}`` after training.
+    Rank 0 holds RUN_DIR's lock (:mod:`bayes_polar.training.lock`) from before it looks at the
+    directory until the last file is written. Under torchrun (:mod:`bayes_polar.training.distributed`)
+    every process trains; rank 0 writes RUN_DIR and evaluates, and the other ranks return ``{}``.
     """
-    run_dir = ddp.on_main(_prepare_run, out, config, overwrite, resume)
+    with contextlib.ExitStack() as held:
+        run_dir = ddp.on_main(lambda: held.enter_context(_prepare_run(out, config, overwrite, resume)))
+        return _fit_into(config, run_dir, resume, progress, log)
+
+
+def _fit_into(config: FitConfig, run_dir: Path, resume: bool, progress: bool, log) -> dict:
     if config.method == "lora-ensemble":
         pipe, info = _fit_ensemble(config, run_dir, resume, progress, log)
     else:
@@ -343,10 +352,14 @@ def _load_artifacts(pipe: Pipeline, run_dir: Path) -> None:
     pipe.method.load_head_tensors(load_file(run_dir / "head.safetensors"))
 
 
-def load_run(run_dir, data_dir=None) -> Pipeline:
-    """Rebuild a finished run: its config, adapters and head (Laplace, temperature, ensemble members)."""
+def load_run(run_dir, data_dir=None, **trust) -> Pipeline:
+    """Rebuild a finished run: its config, adapters and head (Laplace, temperature, ensemble members).
+
+    ``trust``: ``trust_remote_code``, ``allow_code_from_run``, ``prior``, ``guide``, ``cache_dir`` of
+    :func:`~bayes_polar.trusted.loading_config`: the run directory decides no code and no write path.
+    """
     run_dir = Path(run_dir)
-    config = FitConfig.load(run_dir / "config.json")
+    config = loading_config(run_dir, **trust)
     if config.method == "lora-ensemble":
         members, store, pipe = [], None, None
         for m in range(config.ensemble_size):
@@ -362,17 +375,35 @@ def load_run(run_dir, data_dir=None) -> Pipeline:
     return pipe
 
 
-def evaluate_run(run_dir, task: str, split: str | None = None, data_dir=None, limit=None, log=print) -> dict:
-    """Evaluate a finished run on any task/split and add the result to its metrics.json."""
+def evaluate_run(run_dir, task: str, split: str | None = None, data_dir=None, limit=None, log=print,
+                 **trust) -> dict:
+    """Evaluate a finished run on any task/split and add the result to its metrics.json.
+
+    Holds RUN_DIR's lock (no fit may write there meanwhile); ``trust`` as in :func:`load_run`.
+    """
     run_dir = Path(run_dir)
-    pipe = load_run(run_dir, data_dir)
-    metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {"evaluations": {}}
-    split = split or default_split(task)
-    evaluate_into(pipe, run_dir, metrics, [(task, split)], data_dir, limit)
-    atomic_write_json(metrics_path, metrics)
+    if not (run_dir / "config.json").is_file():
+        raise MissingFileError(f"{run_dir} is not a finished run (no config.json)")
+    lock = RunLock(run_dir)
+    try:
+        metrics_path = run_dir / "metrics.json"
+        metrics = _read_metrics(metrics_path) if metrics_path.exists() else {"evaluations": {}}
+        pipe = load_run(run_dir, data_dir, **trust)
+        split = split or default_split(task)
+        evaluate_into(pipe, run_dir, metrics, [(task, split)], data_dir, limit)
+        atomic_write_json(metrics_path, metrics)
+    finally:
+        lock.release()
     log(summary_table(metrics))
     return metrics["evaluations"][f"{task}/{split}"]
+
+
+def _read_metrics(path: Path) -> dict:
+    """metrics.json, checked before anything is evaluated (a malformed one is an error naming it)."""
+    metrics = read_json(path, "the metrics file")
+    if not isinstance(metrics.get("evaluations"), dict):
+        raise ConfigError(f"{path} is malformed: it has no 'evaluations' object; move it aside to start a new one")
+    return metrics
 
 
 def summary_table(metrics: dict) -> str:
@@ -385,11 +416,16 @@ def summary_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _prepare_run(out, config: FitConfig, overwrite: bool, resume: bool) -> Path:
-    run_dir = prepare_run_dir(out, overwrite=overwrite, resume=resume)
-    _check_resume_config(run_dir, config, resume)
-    config.save(run_dir / "config.json")
-    return run_dir
+@contextlib.contextmanager
+def _prepare_run(out, config: FitConfig, overwrite: bool, resume: bool):
+    """RUN_DIR, locked, checked for a resume and holding ``config.json``; unlocked on exit."""
+    if resume and not overwrite and not (Path(out) / "config.json").is_file():  # both: prepare_run_dir says why not
+        raise ConfigError(f"--resume: {out} holds no run to resume (no config.json); check the path, or "
+                          "start without --resume")
+    with open_run_dir(out, overwrite=overwrite, resume=resume) as run_dir:
+        _check_resume_config(run_dir, config, resume)
+        config.save(run_dir / "config.json")
+        yield run_dir
 
 
 def _check_resume_config(run_dir: Path, config: FitConfig, resume: bool) -> None:
