@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
@@ -124,8 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bayes-polar {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    fit = sub.add_parser("fit", help="fine-tune a method on a task and evaluate it",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fit = sub.add_parser("fit", help="fine-tune a method on a task and evaluate it")  # helps state their defaults
     _add_fit_arguments(fit)
     fit.set_defaults(func=_cmd_fit)
 
@@ -176,6 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Faults of the machine, not of bayes-polar: disk full, quota or file-size limit, read-only or failing disk,
+# no permission, too many open files.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM,
+                                errno.EMFILE, errno.ENFILE, errno.EFBIG})
+
+
+def environment_fault(exc: OSError) -> str:
+    """One line for an OSError of the machine; every write is atomic, so what was there before is intact."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    return (f"{exc.strerror or exc}{where}: files written before are intact (writes are atomic); fix it and run "
+            "the command again (a fit continues from its latest checkpoint with --resume)")
+
+
 def one_line(text: str) -> str:
     """``text`` on one line (library messages may quote multi-line errors of other libraries)."""
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
@@ -224,6 +237,11 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args)
     except BayesPolarError as exc:
         print(f"bayes-polar: error: {one_line(exc)}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        print(f"bayes-polar: error: {environment_fault(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("bayes-polar: interrupted (a fit continues from its latest checkpoint with --resume)", file=sys.stderr)

@@ -79,3 +79,7 @@ class InvalidTypeError(BayesPolarError, TypeError):
 
 class RunDirBusyError(BayesPolarError, OSError):
     """A run directory another live bayes-polar process holds (names that process's PID)."""
+
+
+class ArtifactError(BayesPolarError, OSError):
+    """A final artifact or cache file that is missing or does not match its sha256 manifest (names the file)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,9 +21,12 @@ from tqdm.auto import tqdm
 from .training import distributed as ddp
 from .adapters import adapter_diagnostics, load_adapters, save_adapters
 from .data.backbone import load_backbone
-from .training.checkpoint import atomic_write_json, latest_checkpoint, load_checkpoint, prepare_run_dir
+from .training.checkpoint import (atomic_write_bytes, atomic_write_json, latest_checkpoint, load_checkpoint,
+                                  prepare_run_dir)
+from .training.manifest import verify, write_manifest
 from .config import FitConfig, read_json
-from .errors import ConfigError, MissingFileError
+from .errors import (ArtifactError, BayesPolarWarning, CheckpointError, ConfigError, MissingFileError,
+                     NumericalError)
 from .evaluation.metrics import classification_metrics, plot_elbo_trace, reliability_diagram
 from .training.faults import TrainingGuard
 from .training.lock import RunLock, open_run_dir
@@ -132,18 +136,39 @@ def _cache_file(pipe: Pipeline, encoded: EncodedTask) -> Path | None:
         return None
     key = model_fingerprint(pipe.model, trunk.start_layer, trunk.dtype)
     name = f"{encoded.task.name}-{encoded.task.split}-{encoded.format}-{encoded.max_length}-{len(encoded)}"
-    return Path(pipe.config.cache_dir).expanduser() / key / f"{name}.safetensors"
+    root = Path(pipe.config.cache_dir).expanduser().resolve()
+    path = (root / key / f"{name}.safetensors").resolve()
+    if path.parent.parent != root:
+        raise ConfigError(f"prefix-cache file name {name!r} leaves the cache folder {root}")
+    return path
+
+
+def _cache_manifest(path: Path) -> str:
+    return path.name.removesuffix(".safetensors") + ".manifest.json"
 
 
 def warm_cache(pipe: Pipeline, encoded: EncodedTask, progress: bool = False) -> None:
-    """Fill the prefix cache for ``encoded`` (from ``--cache-dir`` when a file exists there)."""
+    """Fill the prefix cache for ``encoded`` (from ``--cache-dir`` when a verified file exists there).
+
+    The cache is optional: a file that fails its sha256 manifest (or holds NaN/Inf) is recomputed with
+    a warning, and a write that fails (a full disk) is a warning too.
+    """
     method = pipe.method.method if isinstance(pipe.method, Ensemble) else pipe.method
     path = _cache_file(pipe, encoded)
+    trunk = method.extractor.trunk
     if path is not None and path.exists():
-        method.extractor.trunk.load(path)
+        try:
+            trunk.load(verify(path.parent, path.name, _cache_manifest(path)))
+        except (ArtifactError, NumericalError) as exc:
+            warnings.warn(f"prefix cache {path} is unusable, recomputing it: {exc}", BayesPolarWarning, stacklevel=2)
     added = warm_prefix_cache(method, encoded, pipe.tokenizer, pipe.config.eval_batch_size, progress)
     if path is not None and added and ddp.is_main():
-        method.extractor.trunk.save(path)
+        try:
+            trunk.save(path)
+            write_manifest(path.parent, [path.name], _cache_manifest(path))
+        except OSError as exc:
+            warnings.warn(f"could not write the prefix cache {path} ({exc}); going on without it", BayesPolarWarning,
+                          stacklevel=2)
 
 
 # ------------------------------------------------------------------------------------ training
@@ -218,7 +243,7 @@ def _fit_ensemble(config: FitConfig, run_dir: Path, resume: bool, progress: bool
         pipe = build_pipeline(member_config, trunk_store=store)
         if pipe.method.extractor.trunk is not None:
             store = pipe.method.extractor.trunk.store  # frozen blocks are shared by every member
-        if ddp.on_main((member_dir / "head.safetensors").exists):
+        if ddp.on_main(_artifacts_ok, member_dir):
             _load_artifacts(pipe, member_dir)
         else:
             info.append(train_pipeline(pipe, member_dir, resume, progress, log))
@@ -327,29 +352,58 @@ def evaluate_into(pipe: Pipeline, run_dir: Path, metrics: dict, targets, data_di
 
 def save_predictions(path: Path, key: str, predictions: dict) -> None:
     """Add ``<key>/probs``, ``<key>/point`` and ``<key>/labels`` to a safetensors file of predictions."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     saved = load_file(path) if path.exists() else {}
     saved.update({f"{key}/probs": predictions["predictive"], f"{key}/point": predictions["point"],
                   f"{key}/labels": predictions["labels"]})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in saved.items()}, tmp)
-    tmp.replace(path)
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in saved.items()}))
+
+
+ARTIFACTS = ("adapters.safetensors", "head.safetensors")
 
 
 def save_artifacts(pipe: Pipeline, run_dir: Path) -> None:
-    from safetensors.torch import save_file
+    """The final adapters and head, each written atomically, then their sha256 manifest."""
+    from safetensors.torch import save
 
-    save_adapters(pipe.model, run_dir / "adapters.safetensors")
+    save_adapters(pipe.model, run_dir / ARTIFACTS[0])
     head = {k: v.contiguous() for k, v in pipe.method.state_tensors().items() if not k.startswith("adapter.")}
-    save_file(head, run_dir / "head.safetensors", metadata={"method": pipe.config.method})
+    atomic_write_bytes(run_dir / ARTIFACTS[1], save(head, metadata={"method": pipe.config.method}))
+    write_manifest(run_dir, ARTIFACTS)
 
 
 def _load_artifacts(pipe: Pipeline, run_dir: Path) -> None:
     from safetensors.torch import load_file
 
-    load_adapters(pipe.model, run_dir / "adapters.safetensors")
-    pipe.method.load_head_tensors(load_file(run_dir / "head.safetensors"))
+    adapters, head = (_verified(run_dir, name) for name in ARTIFACTS)
+    load_adapters(pipe.model, adapters)
+    pipe.method.load_head_tensors(load_file(head))
+
+
+def _verified(folder: Path, name: str) -> Path:
+    """``folder/name`` checked against its manifest; the error says how to get a good one back."""
+    try:
+        return verify(folder, name)
+    except ArtifactError as exc:
+        try:
+            good = latest_checkpoint(folder)
+        except CheckpointError:
+            good = None
+        fix = (f"its checkpoint {good} is valid: run the same bayes-polar fit again with --resume to rewrite it"
+               if good is not None else "no valid checkpoint is left: fit the run again")
+        raise ArtifactError(f"{exc}; {fix}") from None
+
+
+def _artifacts_ok(folder: Path) -> bool:
+    try:
+        for name in ARTIFACTS:
+            verify(folder, name)
+    except ArtifactError as exc:
+        if (folder / ARTIFACTS[1]).exists():
+            warnings.warn(f"{exc}; training it again from its checkpoint", BayesPolarWarning, stacklevel=2)
+        return False
+    return True
 
 
 def load_run(run_dir, data_dir=None, **trust) -> Pipeline:

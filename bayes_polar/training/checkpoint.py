@@ -50,7 +50,7 @@ _NAME = re.compile(r"^step-(\d+)(?:-(\d+))?$")
 _TENSOR_REF = "__tensor__"
 
 __all__ = [
-    "atomic_write_json", "atomic_write_text", "latest_checkpoint", "load_checkpoint", "prepare_run_dir",
+    "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "latest_checkpoint", "load_checkpoint", "prepare_run_dir",
     "rng_state", "save_checkpoint", "set_rng_state", "verify_checkpoint",
 ]
 
@@ -73,7 +73,8 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _atomic_write_bytes(path, data: bytes) -> Path:
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: a fsynced temporary sibling, then ``os.replace``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
@@ -88,7 +89,7 @@ def _atomic_write_bytes(path, data: bytes) -> Path:
 
 def atomic_write_text(path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically: a fsynced temporary sibling, then ``os.replace``."""
-    return _atomic_write_bytes(path, text.encode("utf-8"))
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path, obj, *, indent: int = 2) -> Path:
