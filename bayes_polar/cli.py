@@ -45,7 +45,7 @@ def _fit(config, args) -> None:
     from .run import run_fit
 
     with session() as ctx:
-        run_fit(config, args.out, overwrite=args.overwrite, resume=args.resume,
+        run_fit(config, args.out, overwrite=args.overwrite, resume=args.resume, extend=args.extend,
                 progress=not args.quiet and ctx.is_main, log=print if ctx.is_main else lambda *_: None)
 
 
@@ -113,6 +113,8 @@ def _add_fit_arguments(parser) -> None:
     parser.add_argument("--config", default=None, help="JSON file of options (command-line options win)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing RUN_DIR")
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR's latest checkpoint")
+    parser.add_argument("--extend", action="store_true", help="with --resume: accept another --steps than the "
+                        "run's (the learning-rate schedule is stretched: the result matches no uninterrupted run)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_arguments(parser)
 

@@ -30,6 +30,7 @@ from .errors import (ArtifactError, BayesPolarWarning, CheckpointError, ConfigEr
 from .evaluation.metrics import classification_metrics, plot_elbo_trace, reliability_diagram
 from .training.faults import TrainingGuard
 from .training.lock import RunLock, open_run_dir
+from .training.resume import check_resume, has_run, steps_notice
 from .trusted import loading_config
 from .data.features import FeatureExtractor, Features, answer_head_rows, extract_features
 from .data.formats import EncodedTask, encode_task, make_loader
@@ -197,12 +198,12 @@ def train_pipeline(pipe: Pipeline, run_dir: Path, resume: bool, progress: bool, 
         bar.update(1)
         bar.set_postfix({key: f"{trace[-1]:.4f}"})
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-            ddp.save_checkpoint(run_dir, *_guarded_state(guard, done, trace), step=done)
+            ddp.save_checkpoint(run_dir, *_guarded_state(guard, done, trace, config), step=done)
         return False
 
     step = fit(guard, loader, config.steps, step, callback)
     bar.close()
-    ddp.save_checkpoint(run_dir, *_guarded_state(guard, step, trace), step=step)
+    ddp.save_checkpoint(run_dir, *_guarded_state(guard, step, trace, config), step=step)
     if ddp.is_main():  # multi-process: only rank 0 evaluates and writes artifacts
         _posthoc(pipe)
     return {"steps": step, "examples": len(pipe.train), "seconds": round(time.time() - started, 1),
@@ -210,10 +211,10 @@ def train_pipeline(pipe: Pipeline, run_dir: Path, resume: bool, progress: bool, 
             "trace_name": f"{key}_trace", "trace": trace}
 
 
-def _guarded_state(guard: TrainingGuard, step: int, trace: list[float]) -> tuple[dict, dict]:
-    """:func:`training_state` plus the guard's record of skipped steps and re-orthonormalisations."""
+def _guarded_state(guard: TrainingGuard, step: int, trace: list[float], config: FitConfig) -> tuple[dict, dict]:
+    """:func:`training_state` plus the guard's record of skipped steps and re-orthonormalisations, and the config."""
     tensors, state = training_state(guard.method, step, trace)
-    return tensors, {**state, "faults": guard.state_dict()}
+    return tensors, {**state, "faults": guard.state_dict(), "config": config.to_dict()}
 
 
 def _posthoc(pipe: Pipeline) -> None:
@@ -259,15 +260,17 @@ def _fit_ensemble(config: FitConfig, run_dir: Path, resume: bool, progress: bool
 
 
 def run_fit(config: FitConfig, out, overwrite: bool = False, resume: bool = False, progress: bool = True,
-            log=print) -> dict:
+            log=print, extend: bool = False) -> dict:
     """Train ``config`` into RUN_DIR ``out`` (resuming from its latest checkpoint if asked).
+
+    ``extend``: with ``resume``, allow another ``steps`` than the run's (see :mod:`bayes_polar.training.resume`).
 
     Rank 0 holds RUN_DIR's lock (:mod:`bayes_polar.training.lock`) from before it looks at the
     directory until the last file is written. Under torchrun (:mod:`bayes_polar.training.distributed`)
     every process trains; rank 0 writes RUN_DIR and evaluates, and the other ranks return ``{}``.
     """
     with contextlib.ExitStack() as held:
-        run_dir = ddp.on_main(lambda: held.enter_context(_prepare_run(out, config, overwrite, resume)))
+        run_dir = ddp.on_main(lambda: held.enter_context(_prepare_run(out, config, overwrite, resume, extend, log)))
         return _fit_into(config, run_dir, resume, progress, log)
 
 
@@ -471,25 +474,26 @@ def summary_table(metrics: dict) -> str:
 
 
 @contextlib.contextmanager
-def _prepare_run(out, config: FitConfig, overwrite: bool, resume: bool):
+def _prepare_run(out, config: FitConfig, overwrite: bool, resume: bool, extend: bool = False, log=print):
     """RUN_DIR, locked, checked for a resume and holding ``config.json``; unlocked on exit."""
-    if resume and not overwrite and not (Path(out) / "config.json").is_file():  # both: prepare_run_dir says why not
-        raise ConfigError(f"--resume: {out} holds no run to resume (no config.json); check the path, or "
-                          "start without --resume")
+    if resume and not overwrite and not has_run(out):  # both: prepare_run_dir says why not
+        raise ConfigError(f"--resume: {out} holds no run to resume (no bayes-polar run there); check the "
+                          "path, or start without --resume")
     with open_run_dir(out, overwrite=overwrite, resume=resume) as run_dir:
-        _check_resume_config(run_dir, config, resume)
+        if resume:
+            path = run_dir / "config.json"
+            saved = FitConfig.load(path) if path.is_file() else None
+            check_resume(config, saved, _checkpoint_folders(run_dir, config), extend, path)
+            notice = steps_notice(config, saved)
+            if notice:
+                log(notice)
         config.save(run_dir / "config.json")
         yield run_dir
 
 
-def _check_resume_config(run_dir: Path, config: FitConfig, resume: bool) -> None:
-    path = run_dir / "config.json"
-    if not resume or not path.exists():
-        return
-    saved = FitConfig.load(path).to_dict()
-    free = ("steps", "threads", "on_nan", "max_skipped_batches")  # change nothing an uninterrupted run computes
-    changed = {k for k, v in config.to_dict().items() if saved.get(k) != v and k not in free}
-    if changed:
-        raise ConfigError(f"--resume with a different configuration ({sorted(changed)}) than {path}; "
-                          "resume with the same options (only --steps, --threads, --on-nan and "
-                          "--max-skipped-batches may change)")
+def _checkpoint_folders(run_dir: Path, config: FitConfig) -> list[tuple[Path, FitConfig]]:
+    """``(folder, config of its checkpoints)``: RUN_DIR, or each ensemble member's folder."""
+    if config.method != "lora-ensemble":
+        return [(run_dir, config)]
+    return [(run_dir / "members" / str(m), _member_config(config, m)) for m in range(config.ensemble_size)
+            if (run_dir / "members" / str(m)).is_dir()]
