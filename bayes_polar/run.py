@@ -3,8 +3,9 @@
 RUN_DIR holds ``config.json`` (everything needed to rerun), ``metrics.json`` (per evaluated
 task/split: acc, ece, nll, brier, n for the method, its point prediction and the zero-shot LM;
 the adapters' stable rank and orthogonality error; the ELBO trace), ``reliability_<task>.png``,
-``elbo.png``, ``adapters.safetensors``, ``head.safetensors`` and ``checkpoints/``. Deep
-ensembles keep one such set per member under ``members/<m>/``.
+``elbo.png``, ``adapters.safetensors``, ``head.safetensors`` (their sha256 in ``checksums.json``),
+``checkpoints/`` and the lock file ``.bayes-polar-lock``. Deep ensembles keep one such set per member
+under ``members/<m>/``.
 """
 from __future__ import annotations
 
@@ -145,7 +146,7 @@ def _cache_file(pipe: Pipeline, encoded: EncodedTask) -> Path | None:
 
 
 def _cache_manifest(path: Path) -> str:
-    return path.name.removesuffix(".safetensors") + ".manifest.json"
+    return path.name.removesuffix(".safetensors") + ".checksums.json"
 
 
 def warm_cache(pipe: Pipeline, encoded: EncodedTask, progress: bool = False) -> None:

@@ -2,8 +2,8 @@
 
 A manifest is a JSON file ``{"files": {name: {"size": n, "sha256": hex}}}`` next to the files it
 lists, written atomically *after* them, so it never vouches for a file that is not complete.
-``RUN_DIR/manifest.json`` lists ``adapters.safetensors`` and ``head.safetensors`` (each ensemble
-member's folder has its own); every prefix-cache file ``X.safetensors`` has ``X.manifest.json``.
+``RUN_DIR/checksums.json`` lists ``adapters.safetensors`` and ``head.safetensors`` (each ensemble
+member's folder has its own); every prefix-cache file ``X.safetensors`` has ``X.checksums.json``.
 :func:`verify` raises :class:`~bayes_polar.errors.ArtifactError` naming the file and what is wrong.
 
 Usage::
@@ -20,7 +20,7 @@ from pathlib import Path
 from ..errors import ArtifactError
 from .checkpoint import atomic_write_json
 
-MANIFEST = "manifest.json"
+MANIFEST = "checksums.json"  # not manifest.json: that name marks a checkpoint directory
 
 
 def _entry(path: Path) -> dict:

@@ -81,7 +81,7 @@ def test_a_bad_cache_file_is_recomputed_with_a_warning(capsys, cached, tmp_path,
         states = load_file(path)
         states[next(iter(states))][0, 0] = float("nan")
         save_file(states, path)
-        write_manifest(path.parent, [path.name], path.name.removesuffix(".safetensors") + ".manifest.json")
+        write_manifest(path.parent, [path.name], path.name.removesuffix(".safetensors") + ".checksums.json")
     code, err = _run(capsys, ["fit", "--out", str(tmp_path / "again"), "--data-dir", str(data_dir), "--cache-dir",
                               str(cache), *TINY])
     assert code == 0, err
