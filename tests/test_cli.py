@@ -103,6 +103,19 @@ def test_bad_options(capsys, tmp_path, data_dir, args, expected):
     assert not (tmp_path / "run").exists(), "a bad option must fail before RUN_DIR is created"
 
 
+@pytest.mark.parametrize("values,expected", [
+    ({"steps": "5"}, "key 'steps': expected an integer, got str '5'"),
+    ({"loglik_features": "false"}, "key 'loglik_features': expected true or false, got str 'false'"),
+    ({"seed": 1e308}, "key 'seed': expected an integer, got float 1e+308"),
+    ({"threads": 100000}, "Expected threads <= 1024 but got 100000"),
+])
+def test_a_config_file_value_of_the_wrong_type(capsys, tmp_path, values, expected):
+    (tmp_path / "run.json").write_text(json.dumps(values))
+    line = _fail(capsys, ["fit", "--out", str(tmp_path / "run"), "--config", str(tmp_path / "run.json")])
+    assert f"{tmp_path / 'run.json'}: {expected}" in line
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_key_in_a_config_file(capsys, tmp_path):
     (tmp_path / "run.json").write_text('{"learning_rate": 0.1}')
     line = _fail(capsys, ["fit", "--out", str(tmp_path / "run"), "--config", str(tmp_path / "run.json")])

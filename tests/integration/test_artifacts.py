@@ -13,7 +13,6 @@ import sys
 import warnings
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from bayes_polar.cli import main

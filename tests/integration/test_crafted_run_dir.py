@@ -78,6 +78,8 @@ def test_a_prior_file_named_by_the_run_runs_only_when_this_command_allows_it(cap
     assert code == 1 and not marker.exists(), err
     assert f"names the prior file {evil}: Python code runs only if you pass --prior {evil} again or " \
            "--allow-code-from-run" in err
+    assert main(["posterior-check", str(run), "--quiet"]) == 1 and not marker.exists()
+    assert "--allow-code-from-run" in capsys.readouterr().err
     for flags in (["--allow-code-from-run"], ["--prior", str(evil)]):
         code, err = _evaluate(capsys, run, *flags)
         assert code == 0 and marker.exists(), err
