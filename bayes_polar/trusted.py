@@ -32,6 +32,9 @@ def loading_config(run_dir, *, trust_remote_code: bool = False, allow_code_from_
                           "pass --trust-remote-code (trust_remote_code=True) if you trust it")
     choices = {}
     for kind, given in (("prior", prior), ("guide", guide)):
+        if given is not None and not is_code_path(given):
+            raise ConfigError(f"--{kind} {given!r}: when loading a run, --{kind} only re-passes the run's .py file "
+                              f"(the run was fitted with {getattr(config, kind)!r})")
         name = given if given is not None else getattr(config, kind)
         if is_code_path(name):
             if given is None and not allow_code_from_run:
