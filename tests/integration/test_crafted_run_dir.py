@@ -98,9 +98,12 @@ def test_remote_code_named_by_the_run_needs_trust_remote_code_on_this_command(ca
     config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "evil.py").write_text(EVIL_MODEL.format(marker=str(marker)))
-    code, err = _evaluate(capsys, crafted(model=str(folder), trust_remote_code=True))
+    run = crafted(model=str(folder), trust_remote_code=True)
+    code, err = _evaluate(capsys, run)
     assert code == 1 and not marker.exists(), err
     assert "sets trust_remote_code" in err and "pass --trust-remote-code" in err
+    code, err = _evaluate(capsys, run, "--trust-remote-code")  # this command's own say
+    assert code == 0 and marker.exists(), err
 
 
 def test_the_run_cache_dir_is_ignored(capsys, crafted, tmp_path):
