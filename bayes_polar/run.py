@@ -356,12 +356,24 @@ def evaluate_into(pipe: Pipeline, run_dir: Path, metrics: dict, targets, data_di
 
 def save_predictions(path: Path, key: str, predictions: dict) -> None:
     """Add ``<key>/probs``, ``<key>/point`` and ``<key>/labels`` to a safetensors file of predictions."""
-    from safetensors.torch import load_file, save
+    from safetensors.torch import save
 
-    saved = load_file(path) if path.exists() else {}
+    saved = _read_predictions(path)
     saved.update({f"{key}/probs": predictions["predictive"], f"{key}/point": predictions["point"],
                   f"{key}/labels": predictions["labels"]})
     atomic_write_bytes(path, save({k: v.contiguous() for k, v in saved.items()}))
+
+
+def _read_predictions(path: Path) -> dict:
+    """The predictions saved so far ({} if none); an unreadable file is an ArtifactError naming it."""
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        return {}
+    try:
+        return load_file(path)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a bad header
+        raise ArtifactError(f"{path} does not parse as safetensors ({exc}); move it aside and run again") from None
 
 
 ARTIFACTS = ("adapters.safetensors", "head.safetensors")
@@ -446,6 +458,7 @@ def evaluate_run(run_dir, task: str, split: str | None = None, data_dir=None, li
     try:
         metrics_path = run_dir / "metrics.json"
         metrics = _read_metrics(metrics_path) if metrics_path.exists() else {"evaluations": {}}
+        _read_predictions(run_dir / "predictions.safetensors")  # a bad one fails now, not after evaluating
         pipe = load_run(run_dir, data_dir, **trust)
         split = split or default_split(task)
         evaluate_into(pipe, run_dir, metrics, [(task, split)], data_dir, limit)

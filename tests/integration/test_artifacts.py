@@ -127,6 +127,16 @@ def test_a_malformed_metrics_file_fails_before_evaluating(capsys, cached, tmp_pa
         assert (run / "metrics.json").read_text() == text
 
 
+def test_a_truncated_predictions_file_fails_before_evaluating(capsys, cached, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(cached[0], run)
+    before = (run / "metrics.json").read_bytes()
+    (run / "predictions.safetensors").write_bytes((run / "predictions.safetensors").read_bytes()[:5])
+    line = _error(*_run(capsys, ["evaluate", str(run), "--task", "arc_easy", "--limit", "4"]))
+    assert f"{run / 'predictions.safetensors'} does not parse as safetensors" in line
+    assert (run / "metrics.json").read_bytes() == before
+
+
 def test_a_truncated_ensemble_member_head_is_retrained_on_resume(capsys, tmp_path, data_dir):
     run = tmp_path / "ens"
     argv = ["fit", "--out", str(run), "--data-dir", str(data_dir), *TINY, "--method", "lora-ensemble",
