@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
@@ -44,7 +45,7 @@ def _fit(config, args) -> None:
     from .run import run_fit
 
     with session() as ctx:
-        run_fit(config, args.out, overwrite=args.overwrite, resume=args.resume,
+        run_fit(config, args.out, overwrite=args.overwrite, resume=args.resume, extend=args.extend,
                 progress=not args.quiet and ctx.is_main, log=print if ctx.is_main else lambda *_: None)
 
 
@@ -64,7 +65,8 @@ def _cmd_demo(args) -> int:
 def _cmd_evaluate(args) -> int:
     from .run import evaluate_run
 
-    evaluate_run(args.run_dir, args.task, args.split, args.data_dir, args.limit, device=args.device, dtype=args.dtype)
+    evaluate_run(args.run_dir, args.task, args.split, args.data_dir, args.limit, device=args.device,
+                 dtype=args.dtype, **_trust(args))
     return 0
 
 
@@ -95,6 +97,23 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _add_trust_arguments(parser) -> None:
+    """What a command loading RUN_DIR lets run or write: never decided by the run directory itself."""
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let transformers run the Python code of the run's model (only for a model you trust)")
+    parser.add_argument("--allow-code-from-run", action="store_true",
+                        help="import the prior / guide .py file the run's config.json names")
+    parser.add_argument("--prior", default=None, help="the run's prior .py file, re-passed: it runs (as with fit)")
+    parser.add_argument("--guide", default=None, help="the run's guide .py file, re-passed: it runs (as with fit)")
+    parser.add_argument("--cache-dir", default=None, help="folder for the prefix cache (default: memory only; "
+                        "the run's own cache_dir is ignored)")
+
+
+def _trust(args) -> dict:
+    return dict(trust_remote_code=args.trust_remote_code, allow_code_from_run=args.allow_code_from_run,
+                prior=args.prior, guide=args.guide, cache_dir=args.cache_dir)
+
+
 def _cmd_table(args) -> int:
     from .evaluation.table import Grid, run_grid
 
@@ -105,11 +124,13 @@ def _cmd_table(args) -> int:
 
 def _cmd_posterior_check(args) -> int:
     from .evaluation.posterior_check import posterior_check
+    from .run import load_run
 
-    posterior_check(args.run_dir, task=args.task, split=args.split, limit=args.limit, eval_split=args.eval_split,
+    pipe = load_run(args.run_dir, args.data_dir, device=args.device, dtype=args.dtype, **_trust(args))
+    posterior_check(pipe, run_dir=args.run_dir, task=args.task, split=args.split, limit=args.limit, eval_split=args.eval_split,
                     eval_limit=args.eval_limit, dims=args.dims, num_samples=args.num_samples, warmup=args.warmup,
                     chains=args.chains, vi_steps=args.vi_steps, elbo=args.elbo, data_dir=args.data_dir, seed=args.seed,
-                    progress=not args.quiet, device=args.device, dtype=args.dtype)
+                    progress=not args.quiet)
     return 0
 
 
@@ -120,6 +141,8 @@ def _add_fit_arguments(parser) -> None:
     parser.add_argument("--config", default=None, help="JSON file of options (command-line options win)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing RUN_DIR")
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR's latest checkpoint")
+    parser.add_argument("--extend", action="store_true", help="with --resume: accept another --steps than the "
+                        "run's (the learning-rate schedule is stretched: the result matches no uninterrupted run)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_arguments(parser)
 
@@ -139,8 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bayes-polar {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    fit = sub.add_parser("fit", help="fine-tune a method on a task and evaluate it",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fit = sub.add_parser("fit", help="fine-tune a method on a task and evaluate it")  # helps state their defaults
     _add_fit_arguments(fit)
     fit.set_defaults(func=_cmd_fit)
 
@@ -155,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-dir", default=None, help="local data mirror (default: the run's or $BAYES_POLAR_DATA)")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
     _add_placement_arguments(evaluate)
+    _add_trust_arguments(evaluate)
     evaluate.set_defaults(func=_cmd_evaluate)
 
     predict = sub.add_parser("predict", help="predict questions of a JSONL/CSV file with a finished run: "
@@ -201,12 +224,26 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--data-dir", default=None, help="local data mirror (default: the run's or $BAYES_POLAR_DATA)")
     check.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_placement_arguments(check)
+    _add_trust_arguments(check)
     check.set_defaults(func=_cmd_posterior_check)
 
     tasks = sub.add_parser("tasks", help="list the benchmark tasks and their row counts")
     tasks.add_argument("--data-dir", default=None, help="local data mirror (default: $BAYES_POLAR_DATA)")
     tasks.set_defaults(func=_cmd_tasks)
     return parser
+
+
+# Faults of the machine, not of bayes-polar: disk full, quota or file-size limit, read-only or failing disk,
+# no permission, too many open files.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM,
+                                errno.EMFILE, errno.ENFILE, errno.EFBIG})
+
+
+def environment_fault(exc: OSError) -> str:
+    """One line for an OSError of the machine; every write is atomic, so what was there before is intact."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    return (f"{exc.strerror or exc}{where}: files written before are intact (writes are atomic); fix it and run "
+            "the command again (a fit continues from its latest checkpoint with --resume)")
 
 
 def one_line(text: str) -> str:
@@ -257,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args)
     except BayesPolarError as exc:
         print(f"bayes-polar: error: {one_line(exc)}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        print(f"bayes-polar: error: {environment_fault(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("bayes-polar: interrupted (a fit continues from its latest checkpoint with --resume)", file=sys.stderr)

@@ -2,7 +2,9 @@
 
 The CLI builds its options from the fields (``--key value``, type-checked against the
 default's type; ``help`` from the field metadata); a JSON config file can set them too
-(``--config run.json``), command-line options win. Unknown keys raise ConfigError.
+(``--config run.json``), command-line options win. Unknown keys raise ConfigError; every value is
+checked against its field's annotation (:mod:`bayes_polar.typecheck`) before its range, and an error
+from a file names the file, the key and the bad value.
 
 From Python the list- and dict-valued options also take lists and dicts (``layers=[-2, -1]``,
 ``prior_args={"variance": 0.5}``; stored in their text form), ``prior`` a
@@ -21,6 +23,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .data.device import DTYPES, check_device
+from .typecheck import check_fields
 from .data.formats import FORMATS
 
 METHODS = ("polar-vbll", "polar-vbll-la", "polar-mle", "lora-vbll", "lora-mle", "lora-map", "lora-mcdropout",
@@ -29,6 +32,8 @@ SCHEDULES = ("cosine", "linear", "constant")
 ON_NAN = ("stop", "skip")
 ORTHOGONALITY_TOL = {"riemannian_adam": 1e-4, "landing": 0.1}  # landing: 2 x adapters.optim.LANDING_TOLERANCE
 MODES = ("alternating", "joint")
+MAX_SEED = 2**32 - 1  # numpy's (and so Pyro's) seeds are 32-bit
+MAX_THREADS = 1024  # torch.set_num_threads crashes the process far above any real core count
 
 
 def _help(text: str, default=MISSING, **kwargs):
@@ -126,6 +131,7 @@ class FitConfig:
 
     def __post_init__(self):
         self._normalise()
+        check_fields(self)
         self.validate()
 
     def _normalise(self) -> None:
@@ -180,6 +186,10 @@ class FitConfig:
         for name in ("lr", "head_lr", "alpha", "guide_init_scale"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"Expected {name} > 0 but got {getattr(self, name)}")
+        if not 0 <= self.seed <= MAX_SEED - self.ensemble_size:
+            raise ConfigError(f"Expected 0 <= seed <= {MAX_SEED - self.ensemble_size} but got {self.seed}")
+        if self.threads > MAX_THREADS:
+            raise ConfigError(f"Expected threads <= {MAX_THREADS} but got {self.threads}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"Expected 0 <= dropout < 1 but got {self.dropout}")
         if self.kl_weight is not None and self.kl_weight < 0:
@@ -291,16 +301,23 @@ class FitConfig:
         atomic_write_json(path, self.to_dict())
 
     @classmethod
-    def from_dict(cls, values: dict) -> "FitConfig":
+    def from_dict(cls, values: dict, source=None) -> "FitConfig":
+        """A checked config from ``values``; ``source`` (a file) starts every error message."""
+        where = f"{source}: " if source is not None else ""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(f"Unknown configuration keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
+            raise ConfigError(f"{where}Unknown configuration keys {unknown}; known keys: {sorted(known)}")
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            if not where:
+                raise
+            raise ConfigError(f"{where}{exc}") from None
 
     @classmethod
     def load(cls, path) -> "FitConfig":
-        return cls.from_dict(read_json(path, "the configuration"))
+        return cls.from_dict(read_json(path, "the configuration"), source=path)
 
 
 PYTHON_OBJECT = "python:"

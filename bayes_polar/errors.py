@@ -75,3 +75,11 @@ class InvalidValueError(BayesPolarError, ValueError):
 
 class InvalidTypeError(BayesPolarError, TypeError):
     """An argument of the wrong type or dtype (says which one was expected)."""
+
+
+class RunDirBusyError(BayesPolarError, OSError):
+    """A run directory another live bayes-polar process holds (names that process's PID)."""
+
+
+class ArtifactError(BayesPolarError, OSError):
+    """A final artifact or cache file that is missing or does not match its sha256 manifest (names the file)."""

@@ -5,8 +5,10 @@ task/split: acc, ece, ace, mce, cw_ece, nll, brier, n for the method, its point 
 zero-shot LM; the method's selective prediction and mean uncertainty scores; for splits other than
 the training task's, OOD detection AUROC/AUPR per score against it; the adapters' stable rank and
 orthogonality error; the ELBO trace), ``reliability_<task>.png``, ``selective_<task>.png``,
-``elbo.png``, ``adapters.safetensors``, ``head.safetensors`` and ``checkpoints/``. Deep
-ensembles keep one such set per member under ``members/<m>/``.
+``elbo.png``, ``adapters.safetensors``, ``head.safetensors`` (their sha256 in ``checksums.json``),
+``layout.json`` and ``zero_shot.safetensors`` (what prediction needs without the training data),
+``checkpoints/`` and the lock file ``.bayes-polar-lock``. Deep ensembles keep one such set per member
+under ``members/<m>/``.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import contextlib
 import json
 import re
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,14 +27,20 @@ from .training import distributed as ddp
 from .adapters import adapter_diagnostics, load_adapters, save_adapters
 from .data.backbone import load_backbone
 from .data.device import move_backbone, resolve_device, resolve_dtype
-from .training.checkpoint import atomic_write_json, latest_checkpoint, load_checkpoint, prepare_run_dir
-from .config import FitConfig, saved_run
-from .errors import ConfigError, DataFormatError
+from .training.checkpoint import (atomic_write_bytes, atomic_write_json, latest_checkpoint, load_checkpoint,
+                                  prepare_run_dir)
+from .training.manifest import verify, write_manifest
+from .config import FitConfig, read_json, saved_run
+from .errors import (ArtifactError, BayesPolarWarning, CheckpointError, ConfigError, DataFormatError,
+                     MissingFileError, NumericalError)
 from .evaluation.metrics import classification_metrics, plot_elbo_trace, reliability_diagram
 from .evaluation.ood import ood_detection
 from .evaluation.selective import plot_selective, selective_curve, selective_metrics
 from .evaluation.uncertainty import uncertainty_scores
 from .training.faults import TrainingGuard
+from .training.lock import RunLock, open_run_dir
+from .training.resume import check_resume, has_run, steps_notice
+from .trusted import loading_config
 from .data.features import FeatureExtractor, Features, answer_head_rows, extract_features
 from .data.formats import EncodedTask, encode_task, make_loader
 from .training.trainable_heads import zero_shot_weights
@@ -194,18 +203,39 @@ def _cache_file(pipe: Pipeline, encoded: EncodedTask) -> Path | None:
         return None
     key = model_fingerprint(pipe.model, trunk.start_layer, trunk.dtype)
     name = f"{file_label(encoded.task.name)}-{encoded.task.split}-{encoded.format}-{encoded.max_length}-{len(encoded)}"
-    return Path(pipe.config.cache_dir).expanduser() / key / f"{name}.safetensors"
+    root = Path(pipe.config.cache_dir).expanduser().resolve()
+    path = (root / key / f"{name}.safetensors").resolve()
+    if path.parent.parent != root:
+        raise ConfigError(f"prefix-cache file name {name!r} leaves the cache folder {root}")
+    return path
+
+
+def _cache_manifest(path: Path) -> str:
+    return path.name.removesuffix(".safetensors") + ".checksums.json"
 
 
 def warm_cache(pipe: Pipeline, encoded: EncodedTask, progress: bool = False) -> None:
-    """Fill the prefix cache for ``encoded`` (from ``--cache-dir`` when a file exists there)."""
+    """Fill the prefix cache for ``encoded`` (from ``--cache-dir`` when a verified file exists there).
+
+    The cache is optional: a file that fails its sha256 manifest (or holds NaN/Inf) is recomputed with
+    a warning, and a write that fails (a full disk) is a warning too.
+    """
     method = pipe.method.method if isinstance(pipe.method, Ensemble) else pipe.method
     path = _cache_file(pipe, encoded)
+    trunk = method.extractor.trunk
     if path is not None and path.exists():
-        method.extractor.trunk.load(path)
+        try:
+            trunk.load(verify(path.parent, path.name, _cache_manifest(path)))
+        except (ArtifactError, NumericalError) as exc:
+            warnings.warn(f"prefix cache {path} is unusable, recomputing it: {exc}", BayesPolarWarning, stacklevel=2)
     added = warm_prefix_cache(method, encoded, pipe.tokenizer, pipe.config.eval_batch_size, progress)
     if path is not None and added and ddp.is_main():
-        method.extractor.trunk.save(path)
+        try:
+            trunk.save(path)
+            write_manifest(path.parent, [path.name], _cache_manifest(path))
+        except OSError as exc:
+            warnings.warn(f"could not write the prefix cache {path} ({exc}); going on without it", BayesPolarWarning,
+                          stacklevel=2)
 
 
 # ------------------------------------------------------------------------------------ training
@@ -234,12 +264,12 @@ def train_pipeline(pipe: Pipeline, run_dir: Path, resume: bool, progress: bool, 
         bar.update(1)
         bar.set_postfix({key: f"{trace[-1]:.4f}"})
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-            ddp.save_checkpoint(run_dir, *_guarded_state(guard, done, trace), step=done)
+            ddp.save_checkpoint(run_dir, *_guarded_state(guard, done, trace, config), step=done)
         return False
 
     step = fit(guard, loader, config.steps, step, callback)
     bar.close()
-    ddp.save_checkpoint(run_dir, *_guarded_state(guard, step, trace), step=step)
+    ddp.save_checkpoint(run_dir, *_guarded_state(guard, step, trace, config), step=step)
     if ddp.is_main():  # multi-process: only rank 0 evaluates and writes artifacts
         _posthoc(pipe)
     return {"steps": step, "examples": len(pipe.train), "seconds": round(time.time() - started, 1),
@@ -247,10 +277,10 @@ def train_pipeline(pipe: Pipeline, run_dir: Path, resume: bool, progress: bool, 
             "trace_name": f"{key}_trace", "trace": trace}
 
 
-def _guarded_state(guard: TrainingGuard, step: int, trace: list[float]) -> tuple[dict, dict]:
-    """:func:`training_state` plus the guard's record of skipped steps and re-orthonormalisations."""
+def _guarded_state(guard: TrainingGuard, step: int, trace: list[float], config: FitConfig) -> tuple[dict, dict]:
+    """:func:`training_state` plus the guard's record of skipped steps and re-orthonormalisations, and the config."""
     tensors, state = training_state(guard.method, step, trace)
-    return tensors, {**state, "faults": guard.state_dict()}
+    return tensors, {**state, "faults": guard.state_dict(), "config": config.to_dict()}
 
 
 def _posthoc(pipe: Pipeline) -> None:
@@ -280,7 +310,7 @@ def _fit_ensemble(config: FitConfig, run_dir: Path, resume: bool, progress: bool
         pipe = build_pipeline(member_config, trunk_store=store)
         if pipe.method.extractor.trunk is not None:
             store = pipe.method.extractor.trunk.store  # frozen blocks are shared by every member
-        if ddp.on_main((member_dir / "head.safetensors").exists):
+        if ddp.on_main(_artifacts_ok, member_dir):
             _load_artifacts(pipe, member_dir)
         else:
             info.append(train_pipeline(pipe, member_dir, resume, progress, log))
@@ -304,14 +334,22 @@ def check_buildable(config: FitConfig) -> None:
 
 
 def run_fit(config: FitConfig, out, overwrite: bool = False, resume: bool = False, progress: bool = True,
-            log=print) -> dict:
+            log=print, extend: bool = False) -> dict:
     """Train ``config`` into RUN_DIR ``out`` (resuming from its latest checkpoint if asked).
 
-    Under torchrun (:mod:`bayes_polar.training.distributed`) every process trains; rank 0 writes RUN_DIR and
-    evaluates, and the other ranks return ``{}`` after training.
+    ``extend``: with ``resume``, allow another ``steps`` than the run's (see :mod:`bayes_polar.training.resume`).
+
+    Rank 0 holds RUN_DIR's lock (:mod:`bayes_polar.training.lock`) from before it looks at the
+    directory until the last file is written. Under torchrun (:mod:`bayes_polar.training.distributed`)
+    every process trains; rank 0 writes RUN_DIR and evaluates, and the other ranks return ``{}``.
     """
     check_buildable(config)  # before RUN_DIR exists
-    run_dir = ddp.on_main(_prepare_run, out, config, overwrite, resume)
+    with contextlib.ExitStack() as held:
+        run_dir = ddp.on_main(lambda: held.enter_context(_prepare_run(out, config, overwrite, resume, extend, log)))
+        return _fit_into(config, run_dir, resume, progress, log)
+
+
+def _fit_into(config: FitConfig, run_dir: Path, resume: bool, progress: bool, log) -> dict:
     if config.method == "lora-ensemble":
         pipe, info = _fit_ensemble(config, run_dir, resume, progress, log)
     else:
@@ -441,35 +479,76 @@ def evaluate_into(pipe: Pipeline, run_dir: Path, metrics: dict, targets, data_di
 def save_predictions(path: Path, key: str, predictions: dict) -> None:
     """Add ``<key>/probs``, ``<key>/point``, ``<key>/labels`` and ``<key>/scores/<name>`` (uncertainty
     scores per question) to a safetensors file of predictions."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save
 
-    saved = load_file(path) if path.exists() else {}
+    saved = _read_predictions(path)
     saved.update({f"{key}/probs": predictions["predictive"], f"{key}/point": predictions["point"],
                   f"{key}/labels": predictions["labels"]})
     saved.update({f"{key}/scores/{name}": value for name, value in predictions.get("scores", {}).items()})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in saved.items()}, tmp)
-    tmp.replace(path)
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in saved.items()}))
+
+
+def _read_predictions(path: Path) -> dict:
+    """The predictions saved so far ({} if none); an unreadable file is an ArtifactError naming it."""
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        return {}
+    try:
+        return load_file(path)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a bad header
+        raise ArtifactError(f"{path} does not parse as safetensors ({exc}); move it aside and run again") from None
+
+
+ARTIFACTS = ("adapters.safetensors", "head.safetensors")
 
 
 def save_artifacts(pipe: Pipeline, run_dir: Path) -> None:
-    from safetensors.torch import save_file
+    """The final adapters and head, each written atomically, then their sha256 manifest."""
+    from safetensors.torch import save
 
-    save_adapters(pipe.model, run_dir / "adapters.safetensors")
+    save_adapters(pipe.model, run_dir / ARTIFACTS[0])
     head = {k: v.contiguous() for k, v in pipe.method.state_tensors().items() if not k.startswith("adapter.")}
-    save_file(head, run_dir / "head.safetensors", metadata={"method": pipe.config.method})
+    atomic_write_bytes(run_dir / ARTIFACTS[1], save(head, metadata={"method": pipe.config.method}))
     RunLayout.of(pipe).save(run_dir, pipe.zero_shot)
+    write_manifest(run_dir, ARTIFACTS)
 
 
 def _load_artifacts(pipe: Pipeline, run_dir: Path) -> None:
-    load_adapters(pipe.model, run_dir / "adapters.safetensors")
+    load_adapters(pipe.model, _verified(run_dir, ARTIFACTS[0]))
     pipe.method.load_head_tensors(_saved_head(run_dir))
 
 
 def _saved_head(run_dir: Path) -> dict:
+    """The run's head tensors (feature scaling included), verified against its manifest."""
     from safetensors.torch import load_file
 
-    return load_file(run_dir / "head.safetensors")
+    return load_file(_verified(run_dir, ARTIFACTS[1]))
+
+
+def _verified(folder: Path, name: str) -> Path:
+    """``folder/name`` checked against its manifest; the error says how to get a good one back."""
+    try:
+        return verify(folder, name)
+    except ArtifactError as exc:
+        try:
+            good = latest_checkpoint(folder)
+        except CheckpointError:
+            good = None
+        fix = (f"its checkpoint {good} is valid: run the same bayes-polar fit again with --resume to rewrite it"
+               if good is not None else "no valid checkpoint is left: fit the run again")
+        raise ArtifactError(f"{exc}; {fix}") from None
+
+
+def _artifacts_ok(folder: Path) -> bool:
+    try:
+        for name in ARTIFACTS:
+            verify(folder, name)
+    except ArtifactError as exc:
+        if (folder / ARTIFACTS[1]).exists():
+            warnings.warn(f"{exc}; training it again from its checkpoint", BayesPolarWarning, stacklevel=2)
+        return False
+    return True
 
 
 def backbone_placement(model) -> dict:
@@ -478,24 +557,20 @@ def backbone_placement(model) -> dict:
     return {"device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch.")}
 
 
-def load_run(run_dir, data_dir=None, prior=None, guide=None, device: str | None = None,
-             dtype: str | None = None) -> Pipeline:
+def load_run(run_dir, data_dir=None, **options) -> Pipeline:
     """Rebuild a finished run: its config, adapters and head (Laplace, temperature, ensemble members).
 
     Runs that saved their layout (``layout.json``) need no training data; older runs re-read it.
-    ``prior``/``guide``: the Python objects a run was configured with (config.json records only their
-    repr), or replacements for its names. ``device``/``dtype`` override where and in which precision
-    the backbone runs (default: the run's).
+    ``options`` of :func:`~bayes_polar.trusted.loading_config`: ``trust_remote_code``,
+    ``allow_code_from_run``, ``prior``/``guide`` (a re-passed ``.py`` file, or the Python object the run
+    was configured with), ``cache_dir``, and ``device``/``dtype`` overrides: the run directory decides
+    no code and no write path.
     """
     run_dir = Path(run_dir)
-    from .config import read_json
-
-    values = read_json(run_dir / "config.json", "the configuration")
-    overrides = (("prior", prior), ("guide", guide), ("device", device), ("dtype", dtype))
-    values.update({k: v for k, v in overrides if v is not None})
     layout = RunLayout.load(run_dir)
     with saved_run() if layout is not None else contextlib.nullcontext():  # its tasks need not exist now
-        return _load_run(run_dir, FitConfig.from_dict(values), layout, data_dir)
+        config = loading_config(run_dir, **options)
+        return _load_run(run_dir, config, layout, data_dir)
 
 
 def _load_run(run_dir: Path, config: FitConfig, layout, data_dir) -> Pipeline:
@@ -517,17 +592,35 @@ def _load_run(run_dir: Path, config: FitConfig, layout, data_dir) -> Pipeline:
 
 
 def evaluate_run(run_dir, task: str, split: str | None = None, data_dir=None, limit=None, log=print,
-                 device: str | None = None, dtype: str | None = None) -> dict:
-    """Evaluate a finished run on any task/split and add the result to its metrics.json."""
+                 **options) -> dict:
+    """Evaluate a finished run on any task/split and add the result to its metrics.json.
+
+    Holds RUN_DIR's lock (no fit may write there meanwhile); ``options`` as in :func:`load_run`.
+    """
     run_dir = Path(run_dir)
-    pipe = load_run(run_dir, data_dir, device=device, dtype=dtype)
-    metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {"evaluations": {}}
-    split = split or default_split(task)
-    evaluate_into(pipe, run_dir, metrics, [(task, split)], data_dir, limit)
-    atomic_write_json(metrics_path, metrics)
+    if not (run_dir / "config.json").is_file():
+        raise MissingFileError(f"{run_dir} is not a finished run (no config.json)")
+    lock = RunLock(run_dir)
+    try:
+        metrics_path = run_dir / "metrics.json"
+        metrics = _read_metrics(metrics_path) if metrics_path.exists() else {"evaluations": {}}
+        _read_predictions(run_dir / "predictions.safetensors")  # a bad one fails now, not after evaluating
+        pipe = load_run(run_dir, data_dir, **options)
+        split = split or default_split(task)
+        evaluate_into(pipe, run_dir, metrics, [(task, split)], data_dir, limit)
+        atomic_write_json(metrics_path, metrics)
+    finally:
+        lock.release()
     log(summary_table(metrics))
     return metrics["evaluations"][f"{task}/{split}"]
+
+
+def _read_metrics(path: Path) -> dict:
+    """metrics.json, checked before anything is evaluated (a malformed one is an error naming it)."""
+    metrics = read_json(path, "the metrics file")
+    if not isinstance(metrics.get("evaluations"), dict):
+        raise ConfigError(f"{path} is malformed: it has no 'evaluations' object; move it aside to start a new one")
+    return metrics
 
 
 def summary_table(metrics: dict) -> str:
@@ -540,21 +633,27 @@ def summary_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _prepare_run(out, config: FitConfig, overwrite: bool, resume: bool) -> Path:
-    run_dir = prepare_run_dir(out, overwrite=overwrite, resume=resume)
-    _check_resume_config(run_dir, config, resume)
-    config.save(run_dir / "config.json")
-    return run_dir
+@contextlib.contextmanager
+def _prepare_run(out, config: FitConfig, overwrite: bool, resume: bool, extend: bool = False, log=print):
+    """RUN_DIR, locked, checked for a resume and holding ``config.json``; unlocked on exit."""
+    if resume and not overwrite and not has_run(out):  # both: prepare_run_dir says why not
+        raise ConfigError(f"--resume: {out} holds no run to resume (no bayes-polar run there); check the "
+                          "path, or start without --resume")
+    with open_run_dir(out, overwrite=overwrite, resume=resume) as run_dir:
+        if resume:
+            path = run_dir / "config.json"
+            saved = FitConfig.load(path) if path.is_file() else None
+            check_resume(config, saved, _checkpoint_folders(run_dir, config), extend, path)
+            notice = steps_notice(config, saved)
+            if notice:
+                log(notice)
+        config.save(run_dir / "config.json")
+        yield run_dir
 
 
-def _check_resume_config(run_dir: Path, config: FitConfig, resume: bool) -> None:
-    path = run_dir / "config.json"
-    if not resume or not path.exists():
-        return
-    saved = FitConfig.load(path).to_dict()
-    free = ("steps", "threads", "on_nan", "max_skipped_batches")  # change nothing an uninterrupted run computes
-    changed = {k for k, v in config.to_dict().items() if saved.get(k) != v and k not in free}
-    if changed:
-        raise ConfigError(f"--resume with a different configuration ({sorted(changed)}) than {path}; "
-                          "resume with the same options (only --steps, --threads, --on-nan and "
-                          "--max-skipped-batches may change)")
+def _checkpoint_folders(run_dir: Path, config: FitConfig) -> list[tuple[Path, FitConfig]]:
+    """``(folder, config of its checkpoints)``: RUN_DIR, or each ensemble member's folder."""
+    if config.method != "lora-ensemble":
+        return [(run_dir, config)]
+    return [(run_dir / "members" / str(m), _member_config(config, m)) for m in range(config.ensemble_size)
+            if (run_dir / "members" / str(m)).is_dir()]

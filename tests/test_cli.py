@@ -49,11 +49,28 @@ def data(tmp_path):
     (_jsonl({**GOOD, "answerKey": "C"}), r"train.jsonl:line 1: answerKey 'C' is not one of the choice labels \['A', 'B'\]"),
     (_jsonl(GOOD, {**GOOD, "choices": ["a", "b"]}), r"train.jsonl:line 2: field 'choices' must be a JSON object, got list"),
     ("", r"train.jsonl: split 'train' of task 'arc_easy' is empty \(no rows\)"),
+    (_jsonl(GOOD, {**GOOD, "choices": {"text": ["a", "b", "c", "d"], "label": ["A", "A", "B", "B"]}}),
+     r"train.jsonl:line 2: choice labels \['A', 'A', 'B', 'B'\] repeat a label"),
 ])
 def test_bad_training_data(capsys, tmp_path, data, text, expected):
     (data / "arc_easy" / "train.jsonl").write_text(text)
     line = _fail(capsys, ["fit", "--out", str(tmp_path / "run"), "--data-dir", str(data), *TINY])
     assert re.search(expected, line), line
+
+
+def test_a_data_file_that_is_not_utf8(capsys, tmp_path, data):
+    text = (_jsonl(GOOD) + json.dumps({**GOOD, "question": "caf\u00e9?"}, ensure_ascii=False) + "\n").encode("latin-1")
+    (data / "arc_easy" / "train.jsonl").write_bytes(text)
+    line = _fail(capsys, ["fit", "--out", str(tmp_path / "run"), "--data-dir", str(data), *TINY])
+    assert "train.jsonl:line 2: not UTF-8 text (byte 0xe9 at column" in line, line
+
+
+def test_fit_help_states_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: arc_easy)" in out and "(default: arc_easy) (default: None)" not in out
+    assert out.count("(default:") == out.count("(default: ") and "(default: None) (default:" not in out
 
 
 def test_missing_data_file(capsys, tmp_path, data):
@@ -84,6 +101,19 @@ def test_bad_options(capsys, tmp_path, data_dir, args, expected):
     line = _fail(capsys, ["fit", "--out", str(tmp_path / "run"), "--data-dir", str(data_dir), *TINY, *args])
     assert expected in line
     assert not (tmp_path / "run").exists(), "a bad option must fail before RUN_DIR is created"
+
+
+@pytest.mark.parametrize("values,expected", [
+    ({"steps": "5"}, "key 'steps': expected an integer, got str '5'"),
+    ({"loglik_features": "false"}, "key 'loglik_features': expected true or false, got str 'false'"),
+    ({"seed": 1e308}, "key 'seed': expected an integer, got float 1e+308"),
+    ({"threads": 100000}, "Expected threads <= 1024 but got 100000"),
+])
+def test_a_config_file_value_of_the_wrong_type(capsys, tmp_path, values, expected):
+    (tmp_path / "run.json").write_text(json.dumps(values))
+    line = _fail(capsys, ["fit", "--out", str(tmp_path / "run"), "--config", str(tmp_path / "run.json")])
+    assert f"{tmp_path / 'run.json'}: {expected}" in line
+    assert not (tmp_path / "run").exists()
 
 
 def test_unknown_key_in_a_config_file(capsys, tmp_path):
@@ -185,7 +215,7 @@ def test_resume_with_another_configuration(capsys, letters_run, data_dir, tmp_pa
     shutil.copytree(letters_run[0], run)
     line = _fail(capsys, ["fit", "--out", str(run), "--resume", "--data-dir", str(data_dir), "--task", "winogrande_xs",
                           "--format", "letters", "--steps", "3", *TINY])
-    assert "--resume with a different configuration" in line and "'batch_size'" in line
+    assert "--resume with a different configuration" in line and "batch_size: " in line
 
 
 def test_resume_from_corrupted_checkpoints(capsys, letters_run, data_dir, tmp_path):

@@ -1,11 +1,14 @@
 """Run configuration: validation messages, JSON round trip, CLI options and overrides."""
 import argparse
+import dataclasses
 import json
+import re
 
 import pytest
 
 from bayes_polar.config import FitConfig, add_config_arguments, config_from_args
 from bayes_polar.errors import BayesPolarError, ConfigError
+from bayes_polar.typecheck import check_fields
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -97,3 +100,39 @@ def test_a_bool_option_alone_means_true():
     assert config_from_args(parser.parse_args(["--trust-remote-code"])).trust_remote_code is True
     assert config_from_args(parser.parse_args(["--trust-remote-code", "false"])).trust_remote_code is False
     assert config_from_args(parser.parse_args([])).trust_remote_code is False
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"loglik_features": "false"}, r"key 'loglik_features': expected true or false, got str 'false'"),
+    ({"steps": "5"}, r"key 'steps': expected an integer, got str '5'"),
+    ({"seed": 1e308}, r"key 'seed': expected an integer, got float 1e\+308"),
+    ({"seed": 10**30}, r"key 'seed': 1000000000000000000000000000000 is out of range"),
+    ({"seed": -1}, r"Expected 0 <= seed"),
+    ({"threads": 100000}, r"Expected threads <= 1024 but got 100000"),
+    ({"lr": "1e-3"}, r"key 'lr': expected a number, got str '1e-3'"),
+    ({"lr": float("nan")}, r"key 'lr': expected a finite number, got nan"),
+    ({"kl_weight": True}, r"key 'kl_weight': expected a number or null, got bool True"),
+    ({"task": None}, r"key 'task': expected a string, got null"),
+    ({"batch_size": 2.0}, r"key 'batch_size': expected an integer, got float 2.0"),
+])
+def test_values_from_a_file_are_type_checked(tmp_path, values, message):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(values))
+    with pytest.raises(ConfigError, match=re.escape(str(path)) + ": " + message):
+        FitConfig.load(path)
+
+
+def test_type_checks_follow_the_annotations_of_any_dataclass():
+    """Generic: a field added later is checked from its annotation alone."""
+    @dataclasses.dataclass
+    class Later:
+        new_count: int = 1
+        new_scale: float | None = None
+
+        def __post_init__(self):
+            check_fields(self)
+
+    assert Later(new_scale=2).new_scale == 2.0 and isinstance(Later(new_scale=2).new_scale, float)
+    with pytest.raises(ConfigError, match="key 'new_count': expected an integer, got str '3'"):
+        Later(new_count="3")
+    assert isinstance(FitConfig(alpha=16).alpha, float)  # JSON 16 for a float field is fine

@@ -61,7 +61,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
         save_adapters(model, "runs/polar/adapters.safetensors")
         load_adapters(fresh_backbone, "runs/polar/adapters.safetensors")
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     state = {key: value.contiguous() for key, value in adapter_state_dict(model).items()}
     if not state:
@@ -71,7 +71,8 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(state, tmp, metadata=_metadata(model))
+        with open(tmp, "wb") as f:  # Python I/O: a full disk is an OSError, not a SafetensorError
+            f.write(save(state, metadata=_metadata(model)))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -23,8 +23,9 @@ from .posterior import WEIGHT_SITE
 from .guide import DEFAULT_INIT_SCALE
 
 
-def _is_path(name: str) -> bool:
-    return name.endswith(".py") or "/" in name
+def is_code_path(name) -> bool:
+    """Whether a prior or guide name is a file of Python code (``.py`` or a path), not a registered name."""
+    return isinstance(name, str) and (name.endswith(".py") or "/" in name)
 
 
 def _load_module(path: str):
@@ -81,7 +82,7 @@ def load_prior(name_or_path: str | Prior = "isotropic", **kwargs) -> Prior:
     """A :class:`Prior` from a registered name, a ``.py`` file, or an instance (returned as is)."""
     if isinstance(name_or_path, Prior):
         return name_or_path
-    if _is_path(name_or_path):
+    if is_code_path(name_or_path):
         module = _load_module(name_or_path)
         builder = _single_public(module, "Prior", lambda o: inspect.isclass(o) and issubclass(o, Prior),
                                  "a subclass of bayes_polar.bll.model.Prior")
@@ -101,7 +102,7 @@ def load_guide(name_or_path="full", **kwargs):
     """A guide builder ``model -> guide`` from a registered name, a ``.py`` file, or a callable."""
     if callable(name_or_path):
         builder = name_or_path
-    elif _is_path(name_or_path):
+    elif is_code_path(name_or_path):
         module = _load_module(name_or_path)
         builder = _single_public(module, "Guide", callable, "a class or function model -> guide")
     else:

@@ -23,11 +23,12 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 from transformers import DynamicCache
 
 from ..adapters.inject import find_blocks
+from ..errors import NumericalError
 from .features import model_device, position_ids_from_mask
 from .formats import Batch
 
@@ -136,6 +137,11 @@ class CachedTrunk:
             hidden = self.prefix_states(ids, mask)
             for j, i in enumerate(alone):
                 self.store[keys[i]] = hidden[j][mask[j].bool().to(hidden.device)].to(self.dtype).clone()
+        bad = sum(not torch.isfinite(self.store[keys[i]]).all() for i in rows)
+        if bad:
+            raise NumericalError(f"the frozen blocks below block {self.start_layer} give NaN or Inf states for {bad} "
+                                 f"sequence(s) (cache dtype {self.dtype}): the backbone or its inputs, not the "
+                                 "training; try --cache-dtype float32")
 
     @staticmethod
     def _share(batch: Batch, rows: list[int]) -> tuple[list[list[int]], list[int]]:
@@ -224,13 +230,21 @@ class CachedTrunk:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent writers (table --jobs) never share one
         meta = {"start_layer": str(self.start_layer), "dtype": str(self.dtype)}
-        save_file({k: v.contiguous() for k, v in self.store.items()}, tmp, metadata=meta)
-        tmp.replace(path)
+        data = save({k: v.contiguous() for k, v in self.store.items()}, metadata=meta)
+        try:
+            with open(tmp, "wb") as f:  # Python I/O: a full disk is an OSError, not a SafetensorError
+                f.write(data)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     def load(self, path) -> int:
         """Add the states of a file written by :meth:`save`; returns how many were added."""
         loaded = load_file(path)
+        bad = sum(not torch.isfinite(v).all() for v in loaded.values())
+        if bad:
+            raise NumericalError(f"{path}: {bad} of {len(loaded)} cached sequences hold NaN or Inf states")
         self.store.update({k: v.to(self.dtype) for k, v in loaded.items()})
         return len(loaded)
 

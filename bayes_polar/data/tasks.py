@@ -122,6 +122,8 @@ def _parse_arc(row: Row, stem: str = "question") -> Example:
     keys = _strings("choices.label", _need(choices, "label"))
     if len(texts) != len(keys) or len(texts) < 2:
         raise ValueError(f"choices must have as many texts as labels (>= 2), got {len(texts)} and {len(keys)}")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"choice labels {list(keys)} repeat a label, so answerKey cannot say which choice is right")
     answer = str(_need(row, "answerKey", (str, int)))
     if answer not in keys:
         raise ValueError(f"answerKey {answer!r} is not one of the choice labels {list(keys)}")
@@ -391,14 +393,21 @@ def _check_csv_shape(path: Path, columns: tuple[str, ...]) -> int:
                                           f"comma-separated fields ({', '.join(columns)}), got {len(fields)}")
         except csv.Error as exc:
             raise DataFormatError(f"{path}:line {reader.line_num}: not valid CSV ({exc})") from None
+        except UnicodeDecodeError as exc:
+            raise DataFormatError(f"{path}: after line {reader.line_num}: not UTF-8 text ({exc.reason})") from None
     return rows
 
 
 def _json_records(path: Path) -> list[tuple[int, dict]]:
     """``(line number, object)`` for every non-blank line; the first bad line raises, located."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataFormatError(f"{path}:line {i}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                                      f"{exc.start + 1})") from None
             if not line.strip():
                 continue
             try:

@@ -45,11 +45,12 @@ FORMAT_VERSION = 1
 CHECKPOINTS, LATEST, MANIFEST = "checkpoints", "latest.json", "manifest.json"
 TENSORS, STATE_TENSORS, STATE = "tensors.safetensors", "state.safetensors", "state.json"
 RUN_MARKER = ".bayes-polar-run"
+RUN_LOCK = ".bayes-polar-lock"  # see training.lock
 _NAME = re.compile(r"^step-(\d+)(?:-(\d+))?$")
 _TENSOR_REF = "__tensor__"
 
 __all__ = [
-    "atomic_write_json", "atomic_write_text", "latest_checkpoint", "load_checkpoint", "prepare_run_dir",
+    "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "latest_checkpoint", "load_checkpoint", "prepare_run_dir",
     "rng_state", "save_checkpoint", "set_rng_state", "verify_checkpoint",
 ]
 
@@ -72,7 +73,8 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _atomic_write_bytes(path, data: bytes) -> Path:
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: a fsynced temporary sibling, then ``os.replace``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
@@ -87,7 +89,7 @@ def _atomic_write_bytes(path, data: bytes) -> Path:
 
 def atomic_write_text(path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically: a fsynced temporary sibling, then ``os.replace``."""
-    return _atomic_write_bytes(path, text.encode("utf-8"))
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path, obj, *, indent: int = 2) -> Path:
@@ -217,8 +219,13 @@ def _created(ckpt: Path) -> tuple[int, int, int]:
 
 def _checkpoints(root: Path) -> list[Path]:
     """Checkpoint directories under ``root``, oldest first."""
-    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)] if root.is_dir() else []
+    found = [p for p in root.iterdir() if _NAME.match(p.name) and _inside(p, root)] if root.is_dir() else []
     return sorted(found, key=_created)
+
+
+def _inside(ckpt: Path, root: Path) -> bool:
+    """A real checkpoint directory of ``root``: not a symlink, resolving to a child of ``root``."""
+    return ckpt.is_dir() and not ckpt.is_symlink() and ckpt.resolve().parent == root.resolve()
 
 
 def _prune(root: Path, keep: int, protect: str) -> None:
@@ -323,7 +330,11 @@ def _pointer(root: Path) -> Path | None:
         warnings.warn(f"ignoring unreadable {root / LATEST} ({exc}); using the newest valid checkpoint",
                       BayesPolarWarning, stacklevel=4)
         return None
-    return root / str(name)
+    if not (isinstance(name, str) and _NAME.match(name) and _inside(root / name, root)):
+        warnings.warn(f"ignoring {root / LATEST}: {name!r} is not a checkpoint directory of {root}; using the "
+                      "newest valid checkpoint", BayesPolarWarning, stacklevel=4)
+        return None
+    return root / name
 
 
 def _find_latest(run_dir: Path):
@@ -415,7 +426,7 @@ def prepare_run_dir(path, overwrite: bool = False, resume: bool = False) -> Path
 def _never_started(path: Path) -> bool:
     """Empty, or only what a run writes before its first step (marker + config.json): a run stopped by bad
     input after creating RUN_DIR leaves nothing to lose, so the corrected command may reuse the folder."""
-    names = {p.name for p in path.iterdir()}
+    names = {p.name for p in path.iterdir()} - {RUN_LOCK}
     return names <= {RUN_MARKER} or (RUN_MARKER in names and names <= {RUN_MARKER, "config.json"})
 
 
