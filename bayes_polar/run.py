@@ -37,8 +37,8 @@ from .training.trainable_heads import zero_shot_weights
 from .training.methods import Ensemble, Method, attach_adapters, build_method, first_adapted_block, is_variational
 from .data.prefix_cache import CachedTrunk, model_fingerprint
 from .bll.registry import load_prior
-from .data.tasks import LETTERS, Task, default_split, load_task
-from .data.user_tasks import user_task_spec
+from .data.tasks import LETTERS, Task, default_split, letters_transfer, load_task
+from .data.user_tasks import is_task_path, user_task_spec
 from .run_layout import LAYOUT_FILE, ZERO_SHOT_FILE, RunLayout
 from .training.loop import epoch_loader, fit, restore_training_state, training_state, warm_prefix_cache
 
@@ -133,7 +133,7 @@ def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = 
 
 def file_label(task: str) -> str:
     """A task name usable in a file name (a user's file: its stem)."""
-    name = Path(task).stem if user_task_spec(task) is not None and user_task_spec(task).files else task
+    name = Path(task).stem if is_task_path(task) else task
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
@@ -154,7 +154,7 @@ def encode_for(pipe: Pipeline, task: Task) -> EncodedTask:
     lettered = set(words) <= set(LETTERS) and set(task.answer_words) <= set(LETTERS)
     if config.format == "letters" and lettered and task.examples:
         most = max(len(e.choices) for e in task.examples)
-        if most > len(words):
+        if not letters_transfer(words, task.answer_words, most):
             raise ConfigError(f"{task.source}: a question has {most} choices, this letters-format head names "
                               f"{len(words)} ({', '.join(words)}): letters heads score questions with at most that "
                               "many choices (use --format options)")

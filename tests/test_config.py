@@ -21,7 +21,8 @@ from bayes_polar.errors import BayesPolarError, ConfigError
     ({"max_skipped_batches": -1}, "Expected max_skipped_batches >= 0 but got -1"),
     ({"orthogonality_tol": 0.0}, r"Expected orthogonality_tol > 0 \(or None\) but got 0.0"),
     ({"eval_tasks": "arc_easy,nope"}, "Unknown task 'nope'"),
-    ({"format": "letters", "task": "arc_easy", "eval_tasks": "winogrande_s"}, "letters heads only transfer"),
+    ({"format": "letters", "task": "winogrande_s", "eval_tasks": "arc_easy"}, "letters heads only transfer"),
+    ({"format": "letters", "task": "arc_easy", "eval_tasks": "boolq"}, "letters heads only transfer"),
 ])
 def test_invalid_values(kwargs, message):
     with pytest.raises(BayesPolarError, match=message):
@@ -61,6 +62,10 @@ def test_python_values_lists_dicts_and_objects(tmp_path):
 def test_bad_python_values(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         FitConfig(**kwargs)
+
+
+def test_a_letters_head_scores_lettered_tasks_with_no_more_choices():
+    FitConfig(format="letters", task="arc_easy", eval_tasks="winogrande_s,openbookqa")  # 5 letters name 2 or 4
 
 
 def test_a_bad_prior_leaves_nothing_on_disk(tmp_path):
