@@ -39,7 +39,7 @@ from .data.prefix_cache import CachedTrunk, model_fingerprint
 from .bll.registry import load_prior
 from .data.tasks import LETTERS, Task, default_split, letters_transfer, load_task
 from .data.user_tasks import is_task_path, user_task_spec
-from .run_layout import LAYOUT_FILE, ZERO_SHOT_FILE, RunLayout
+from .run_layout import ZERO_SHOT_FILE, RunLayout
 from .training.loop import epoch_loader, fit, restore_training_state, training_state, warm_prefix_cache
 
 HELDOUT_FRACTION = 0.1  # temperature scaling fits T on this slice of the training split
@@ -93,7 +93,7 @@ def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = 
     model, tokenizer = backbone
     heldout = None
     if layout is not None:
-        layout[0].check_backbone(model, tokenizer, Path(LAYOUT_FILE))
+        layout[0].check_backbone(model, tokenizer)
         train, dataset_size = layout[0].empty_train(), layout[0].train_examples
     else:
         train_task = load_task(config.task, "train", data_dir or config.data_dir, limit=config.train_limit)
