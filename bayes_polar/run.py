@@ -516,7 +516,9 @@ def _check_resume_config(run_dir: Path, config: FitConfig, resume: bool) -> None
     path = run_dir / "config.json"
     if not resume or not path.exists():
         return
-    saved = FitConfig.load(path).to_dict()
+    from .config import read_json
+
+    saved = read_json(path, "the configuration")  # as written: Python objects stay "python:<repr>"
     free = ("steps", "threads", "on_nan", "max_skipped_batches")  # change nothing an uninterrupted run computes
     changed = {k for k, v in config.to_dict().items() if saved.get(k) != v and k not in free}
     if changed:

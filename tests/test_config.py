@@ -102,3 +102,14 @@ def test_a_bool_option_alone_means_true():
     assert config_from_args(parser.parse_args(["--trust-remote-code"])).trust_remote_code is True
     assert config_from_args(parser.parse_args(["--trust-remote-code", "false"])).trust_remote_code is False
     assert config_from_args(parser.parse_args([])).trust_remote_code is False
+
+
+def test_resume_with_a_python_prior_compares_the_recorded_configuration(tmp_path):
+    from bayes_polar.models import IsotropicPrior
+    from bayes_polar.run import _check_resume_config
+
+    config = FitConfig(prior=IsotropicPrior(variance=0.5))
+    config.save(tmp_path / "config.json")
+    _check_resume_config(tmp_path, FitConfig(prior=IsotropicPrior(variance=0.5)), resume=True)
+    with pytest.raises(ConfigError, match=r"--resume with a different configuration \(\['prior'\]\)"):
+        _check_resume_config(tmp_path, FitConfig(prior=IsotropicPrior(variance=2.0)), resume=True)
