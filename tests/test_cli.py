@@ -285,3 +285,11 @@ def test_demo_preset_is_a_valid_configuration():
 
     config = FitConfig.from_dict(DEMO)
     assert config.format == "options" and config.method == "polar-vbll" and config.train_limit is None
+
+
+def test_tasks_lists_local_counts_and_hub_splits(capsys, data_dir):
+    assert main(["tasks", "--data-dir", str(data_dir)]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "train 2251, validation 570, test (hub)" in lines["arc_easy"]
+    assert "test 102, dev 5, validation (hub)" in lines["mmlu_college_physics"]
+    assert "test (hub), dev (hub), validation (hub)" in lines["mmlu_anatomy"]
