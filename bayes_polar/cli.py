@@ -17,16 +17,22 @@ DEMO = dict(model="smollm2-135m", task="arc_easy", format="options", method="pol
 
 
 def _cmd_tasks(args) -> int:
-    from .data.tasks import TASKS, load_task
+    """Every built-in task with the row count of each split in the local mirror; other splits say 'hub'."""
+    from .data.tasks import TASKS, default_data_dir, load_task
 
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     for name, spec in TASKS.items():
         counts = []
-        for split in spec.files:
+        for split, file in spec.files.items():
+            if data_dir is None or not (data_dir / spec.folder / file).is_file():
+                counts.append(f"{split} (hub)")
+                continue
             try:
-                counts.append(f"{split} {len(load_task(name, split, args.data_dir))}")
+                counts.append(f"{split} {len(load_task(name, split, data_dir))}")
             except Exception as exc:  # report, keep listing
                 counts.append(f"{split} unavailable ({type(exc).__name__})")
         print(f"{name:24s} {spec.hub_id:22s} classes<={spec.num_classes}  " + ", ".join(counts))
+    print("and your own files: --task PATH.jsonl|.csv|FOLDER (see README, 'Your own data')")
     return 0
 
 

@@ -236,7 +236,7 @@ class FitConfig:
         Skipped for the configuration of a saved run (:func:`saved_run`): it was checked when the run was
         written, and its tasks (a file since deleted, a name registered in another process) need not exist.
         """
-        from .data.tasks import task_spec
+        from .data.tasks import letters_transfer, task_spec
         from .data.user_tasks import user_task_spec
 
         if _SAVED_RUN.get():
@@ -248,11 +248,13 @@ class FitConfig:
             if not name or user_task_spec(name):
                 continue  # a user's file: answer words known once read (encode_eval checks them)
             spec = task_spec(name)
-            if self.format == "letters" and train is not None and spec.answer_words != train.answer_words:
+            if (self.format == "letters" and train is not None
+                    and not letters_transfer(train.answer_words, spec.answer_words, spec.num_classes)):
                 raise ConfigError(
                     f"eval_tasks: {name} answers with {spec.answer_words}, but a letters-format head trained on "
                     f"{self.task} has one row per answer word {train.answer_words}: letters heads only transfer "
-                    "between tasks with the same answer words (use --format options)")
+                    "between tasks with the same answer words, or letters to questions with no more choices "
+                    "(use --format options)")
 
     @property
     def prior_kwargs(self) -> dict:

@@ -49,9 +49,9 @@ from .data.normalization import FeatureScaling
 from .training.methods import Ensemble, Method, attach_adapters, build_method, first_adapted_block, is_variational
 from .data.prefix_cache import CachedTrunk, model_fingerprint
 from .bll.registry import load_prior
-from .data.tasks import LETTERS, Task, default_split, load_task
-from .data.user_tasks import user_task_spec
-from .run_layout import LAYOUT_FILE, ZERO_SHOT_FILE, RunLayout
+from .data.tasks import LETTERS, Task, default_split, letters_transfer, load_task
+from .data.user_tasks import is_task_path, user_task_spec
+from .run_layout import ZERO_SHOT_FILE, RunLayout
 from .training.loop import epoch_loader, fit, restore_training_state, training_state, warm_prefix_cache
 
 HELDOUT_FRACTION = 0.1  # temperature scaling fits T on this slice of the training split
@@ -112,7 +112,7 @@ def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = 
         model.disable_input_require_grads()  # non-reentrant: no grad through the frozen blocks below the adapters
     heldout = None
     if layout is not None:
-        layout[0].check_backbone(model, tokenizer, Path(LAYOUT_FILE))
+        layout[0].check_backbone(model, tokenizer)
         train, dataset_size = layout[0].empty_train(), layout[0].train_examples
     else:
         train_task = load_task(config.task, "train", data_dir or config.data_dir, limit=config.train_limit)
@@ -161,7 +161,7 @@ def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = 
 
 def file_label(task: str) -> str:
     """A task name usable in a file name (a user's file: its stem)."""
-    name = Path(task).stem if user_task_spec(task) is not None and user_task_spec(task).files else task
+    name = Path(task).stem if is_task_path(task) else task
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
@@ -182,7 +182,7 @@ def encode_for(pipe: Pipeline, task: Task) -> EncodedTask:
     lettered = set(words) <= set(LETTERS) and set(task.answer_words) <= set(LETTERS)
     if config.format == "letters" and lettered and task.examples:
         most = max(len(e.choices) for e in task.examples)
-        if most > len(words):
+        if not letters_transfer(words, task.answer_words, most):
             raise ConfigError(f"{task.source}: a question has {most} choices, this letters-format head names "
                               f"{len(words)} ({', '.join(words)}): letters heads score questions with at most that "
                               "many choices (use --format options)")
@@ -642,7 +642,7 @@ def _prepare_run(out, config: FitConfig, overwrite: bool, resume: bool, extend: 
     with open_run_dir(out, overwrite=overwrite, resume=resume) as run_dir:
         if resume:
             path = run_dir / "config.json"
-            saved = FitConfig.load(path) if path.is_file() else None
+            saved = read_json(path, "the configuration") if path.is_file() else None  # as written
             check_resume(config, saved, _checkpoint_folders(run_dir, config), extend, path)
             notice = steps_notice(config, saved)
             if notice:

@@ -34,6 +34,7 @@ class RunLayout:
     backbone_class: str
     vocab_size: int
     hidden_size: int
+    where: str = LAYOUT_FILE  # the file it was read from (for messages; not saved)
 
     @classmethod
     def of(cls, pipe) -> "RunLayout":
@@ -55,7 +56,7 @@ class RunLayout:
         task = Task(self.task, "train", [], self.num_classes, self.answer_words, LAYOUT_FILE, kind=self.kind)
         return EncodedTask(task, self.format, [], self.num_classes, self.max_length, list(self.answer_ids))
 
-    def check_backbone(self, model, tokenizer, where: Path) -> None:
+    def check_backbone(self, model, tokenizer) -> None:
         """The backbone and tokenizer are the ones the run was trained on (sizes and answer token ids)."""
         from .adapters.modules import unwrap
         from .data.formats import answer_token_ids
@@ -63,11 +64,11 @@ class RunLayout:
         base = unwrap(model)
         found = (type(base).__name__, int(base.config.vocab_size), int(base.config.hidden_size))
         if found != (self.backbone_class, self.vocab_size, self.hidden_size):
-            raise ConfigError(f"{where}: the run was trained on {self.backbone!r} ({self.backbone_class}, vocabulary "
+            raise ConfigError(f"{self.where}: the run was trained on {self.backbone!r} ({self.backbone_class}, vocabulary "
                               f"{self.vocab_size}, hidden size {self.hidden_size}); the backbone loaded now is "
                               f"{found[0]}, vocabulary {found[1]}, hidden size {found[2]}")
         if self.format == "letters" and tuple(answer_token_ids(tokenizer, self.answer_words)) != self.answer_ids:
-            raise ConfigError(f"{where}: the tokenizer maps the answer words {self.answer_words} to other token ids "
+            raise ConfigError(f"{self.where}: the tokenizer maps the answer words {self.answer_words} to other token ids "
                               f"than the run's {self.answer_ids}")
 
     def save(self, run_dir: Path, zero_shot: torch.Tensor) -> None:
@@ -75,8 +76,8 @@ class RunLayout:
 
         from .training.checkpoint import atomic_write_json
 
-        atomic_write_json(run_dir / LAYOUT_FILE, {"version": VERSION, **self.__dict__,
-                                                  "answer_words": list(self.answer_words),
+        values = {k: v for k, v in self.__dict__.items() if k != "where"}
+        atomic_write_json(run_dir / LAYOUT_FILE, {"version": VERSION, **values, "answer_words": list(self.answer_words),
                                                   "answer_ids": list(self.answer_ids)})
         save_file({"weight": zero_shot.contiguous()}, run_dir / ZERO_SHOT_FILE)
 
@@ -92,7 +93,7 @@ class RunLayout:
             values = json.loads(path.read_text())
             values.pop("version")
             layout = cls(**{**values, "answer_words": tuple(values["answer_words"]),
-                            "answer_ids": tuple(values["answer_ids"])})
+                            "answer_ids": tuple(values["answer_ids"]), "where": str(path)})
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ConfigError(f"Cannot read the run layout {path}: {exc}") from None
         return layout, load_file(run_dir / ZERO_SHOT_FILE)["weight"]

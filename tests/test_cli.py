@@ -210,6 +210,31 @@ def test_evaluating_a_letters_head_on_other_answer_words(capsys, letters_run, da
     assert "use --format options" in line
 
 
+def test_evaluating_a_test_split_the_mirror_lacks_offline(capsys, letters_run, data_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.hub_reachable.cache_clear()
+    try:
+        line = _fail(capsys, ["evaluate", str(letters_run[0]), "--task", "arc_easy", "--split", "test",
+                              "--data-dir", str(data_dir)])
+    finally:
+        hub.hub_reachable.cache_clear()
+    assert "dataset 'allenai/ai2_arc (ARC-Easy)' is not available offline" in line
+    assert "Split 'test' of arc_easy is not in the local mirror" in line
+
+
+def test_predict_and_export_errors_are_one_line(capsys, letters_run, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "choices": ["a", "b"]}\n{"question": "q", "choices": ["a"]}\n')
+    line = _fail(capsys, ["predict", str(letters_run[0]), "--input", str(bad)])
+    assert "bad.jsonl:line 2: field 'choices' must have 2 to 26 choices, got 1" in line
+    line = _fail(capsys, ["predict", str(letters_run[0]), "--input", str(tmp_path / "missing.jsonl")])
+    assert "No data file at" in line
+    many = tmp_path / "many.csv"
+    many.write_text('question,choices\nq,"[""a"", ""b"", ""c""]"\n')
+    line = _fail(capsys, ["predict", str(letters_run[0]), "--input", str(many)])
+    assert "a question has 3 choices, this letters-format head names 2 (A, B)" in line
+
+
 def test_resume_with_another_configuration(capsys, letters_run, data_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(letters_run[0], run)
@@ -290,3 +315,11 @@ def test_demo_preset_is_a_valid_configuration():
 
     config = FitConfig.from_dict(DEMO)
     assert config.format == "options" and config.method == "polar-vbll" and config.train_limit is None
+
+
+def test_tasks_lists_local_counts_and_hub_splits(capsys, data_dir):
+    assert main(["tasks", "--data-dir", str(data_dir)]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "train 2251, validation 570, test (hub)" in lines["arc_easy"]
+    assert "test 102, dev 5, validation (hub)" in lines["mmlu_college_physics"]
+    assert "test (hub), dev (hub), validation (hub)" in lines["mmlu_anatomy"]

@@ -24,7 +24,8 @@ from bayes_polar.typecheck import check_fields
     ({"max_skipped_batches": -1}, "Expected max_skipped_batches >= 0 but got -1"),
     ({"orthogonality_tol": 0.0}, r"Expected orthogonality_tol > 0 \(or None\) but got 0.0"),
     ({"eval_tasks": "arc_easy,nope"}, "Unknown task 'nope'"),
-    ({"format": "letters", "task": "arc_easy", "eval_tasks": "winogrande_s"}, "letters heads only transfer"),
+    ({"format": "letters", "task": "winogrande_s", "eval_tasks": "arc_easy"}, "letters heads only transfer"),
+    ({"format": "letters", "task": "arc_easy", "eval_tasks": "boolq"}, "letters heads only transfer"),
 ])
 def test_invalid_values(kwargs, message):
     with pytest.raises(BayesPolarError, match=message):
@@ -64,6 +65,10 @@ def test_python_values_lists_dicts_and_objects(tmp_path):
 def test_bad_python_values(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         FitConfig(**kwargs)
+
+
+def test_a_letters_head_scores_lettered_tasks_with_no_more_choices():
+    FitConfig(format="letters", task="arc_easy", eval_tasks="winogrande_s,openbookqa")  # 5 letters name 2 or 4
 
 
 def test_a_bad_prior_leaves_nothing_on_disk(tmp_path):
@@ -136,3 +141,15 @@ def test_type_checks_follow_the_annotations_of_any_dataclass():
     with pytest.raises(ConfigError, match="key 'new_count': expected an integer, got str '3'"):
         Later(new_count="3")
     assert isinstance(FitConfig(alpha=16).alpha, float)  # JSON 16 for a float field is fine
+
+
+def test_resume_with_a_python_prior_compares_the_recorded_configuration(tmp_path):
+    from bayes_polar.models import IsotropicPrior
+    from bayes_polar.training.resume import check_resume
+
+    path = tmp_path / "config.json"
+    FitConfig(prior=IsotropicPrior(variance=0.5)).save(path)
+    saved = json.loads(path.read_text())
+    check_resume(FitConfig(prior=IsotropicPrior(variance=0.5)), saved, [], False, path)
+    with pytest.raises(ConfigError, match=r"--resume with a different configuration than .*prior"):
+        check_resume(FitConfig(prior=IsotropicPrior(variance=2.0)), saved, [], False, path)

@@ -115,3 +115,13 @@ def test_shuffled_loader_is_seeded(data_dir, tokenizer):
     enc = encode_task(load_task("arc_easy", "validation", data_dir, limit=20), tokenizer, "letters")
     order = lambda seed: torch.cat([b.indices for b in make_loader(enc, tokenizer, 4, shuffle=True, seed=seed)])
     assert torch.equal(order(3), order(3)) and not torch.equal(order(3), order(4))
+
+
+@pytest.mark.parametrize("format", ["options", "letters"])
+def test_more_choices_than_the_class_layout_is_a_located_error(tokenizer, format):
+    from bayes_polar.data.tasks import Example, Task
+    from bayes_polar.errors import DataFormatError
+
+    task = Task("mine", "test", [Example("q", ("a", "b", "c"), None, "q1")], 2, ("A", "B"), "my.jsonl")
+    with pytest.raises(DataFormatError, match=r"my.jsonl: question q1 of mine/test has 3 choices, more than"):
+        encode_task(task, tokenizer, format)

@@ -126,6 +126,7 @@ def encode_task(task: Task, tokenizer, format: str = "options", max_length: int 
     check_format(format)
     if max_length < 8:
         raise ConfigError(f"Expected max_length >= 8 but got {max_length}")
+    _check_choice_counts(task, format)
     encode = _encode_letters if format == "letters" else _encode_options
     items = [encode(example, task.kind, tokenizer, max_length) for example in task.examples]
     truncated = sum(item.truncated for item in items)
@@ -137,6 +138,17 @@ def encode_task(task: Task, tokenizer, format: str = "options", max_length: int 
         answer_ids = answer_token_ids(tokenizer, task.answer_words)
         return EncodedTask(task, format, items, len(task.answer_words), max_length, answer_ids)
     return EncodedTask(task, format, items, task.num_classes, max_length, [])
+
+
+def _check_choice_counts(task: Task, format: str) -> None:
+    """Every question fits the task's class layout: no more choices than ``num_classes`` (options) or
+    answer words (letters); a question that does not is named."""
+    room, what = ((len(task.answer_words), "answer words") if format == "letters" and task.kind != "boolean"
+                  else (task.num_classes, "num_classes"))
+    for i, example in enumerate(task.examples):
+        if len(example.choices) > room:
+            raise DataFormatError(f"{task.source}: question {example.uid or i} of {task.name}/{task.split} has "
+                                  f"{len(example.choices)} choices, more than the task's {room} {what}")
 
 
 def _tokens(tokenizer, text: str) -> list[int]:

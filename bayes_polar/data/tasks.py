@@ -233,6 +233,15 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
+def letters_transfer(head_words, task_words, most_choices: int) -> bool:
+    """Whether a letters-format head with ``head_words`` can score a task: the same answer words, or letters
+    on both sides and no question with more choices than the head has letters."""
+    if tuple(head_words) == tuple(task_words):
+        return True
+    lettered = set(head_words) <= set(LETTERS) and set(task_words) <= set(LETTERS)
+    return lettered and most_choices <= len(head_words)
+
+
 def task_names() -> list[str]:
     return list(TASKS)
 

@@ -25,13 +25,16 @@ def has_run(run_dir) -> bool:
         any(run_dir.glob("checkpoints/step-*")) or any(run_dir.glob("members/*/checkpoints/step-*"))
 
 
-def check_resume(config, saved, checkpoints: list[tuple[Path, object]], extend: bool, source) -> None:
-    """Refuse a resume of ``config`` that ``saved`` (config.json, or None) or a checkpoint contradicts.
+def check_resume(config, saved: dict | None, checkpoints: list[tuple[Path, object]], extend: bool, source) -> None:
+    """Refuse a resume of ``config`` that ``saved`` (config.json as written, or None) or a checkpoint contradicts.
 
-    ``checkpoints``: ``(folder, expected config)`` pairs; an ensemble member's folder expects its member config.
+    ``saved`` stays the file's dict: Python objects of the run (a prior defined in a notebook) are
+    compared by the ``python:<repr>`` they were recorded as. ``checkpoints``: ``(folder, expected
+    config)`` pairs; an ensemble member's folder expects its member config.
     """
+    old = None if saved is None else saved.get("steps")
     if saved is not None:
-        _same_run(config, saved.to_dict(), source)
+        _same_run(config, saved, source)
     done = 0
     for folder, expected in checkpoints:
         with warnings.catch_warnings():  # a skipped corrupt checkpoint is reported once, when training loads it
@@ -46,8 +49,7 @@ def check_resume(config, saved, checkpoints: list[tuple[Path, object]], extend: 
         if config.steps < step:
             raise ConfigError(f"--resume with --steps {config.steps}, but checkpoint {found} is at step {step}: a "
                               "run cannot end before where it already is (pass --steps "
-                              f"{saved.steps if saved is not None else step} or more)")
-    old = saved.steps if saved is not None else None
+                              f"{old if old is not None else step} or more)")
     if old is not None and config.steps != old and config.schedule != "constant" and not extend:
         raise ConfigError(f"--resume with --steps {config.steps}, but the run was planned for {old}: the "
                           f"{_schedule(config)} would change from step {done} on, matching no uninterrupted run; "
@@ -59,14 +61,15 @@ def _schedule(config) -> str:
             "over all --steps)")
 
 
-def steps_notice(config, saved) -> str | None:
+def steps_notice(config, saved: dict | None) -> str | None:
     """The line a resumed run prints when it runs to another ``steps`` than planned, or None."""
-    if saved is None or saved.steps == config.steps:
+    old = None if saved is None else saved.get("steps")
+    if old is None or old == config.steps:
         return None
     if config.schedule == "constant":
-        return (f"resuming to {config.steps} steps instead of {saved.steps}: the constant learning-rate schedule "
+        return (f"resuming to {config.steps} steps instead of {old}: the constant learning-rate schedule "
                 "does not depend on --steps, so this equals an uninterrupted run of that length")
-    return (f"--extend: steps {saved.steps} -> {config.steps}; the {_schedule(config)} now spans {config.steps} "
+    return (f"--extend: steps {old} -> {config.steps}; the {_schedule(config)} now spans {config.steps} "
             "steps, so the result matches no uninterrupted run")
 
 

@@ -76,9 +76,11 @@ def test_own_questions_fit_predict_export(tmp_path, capsys):
     assert (_logits(merged, pipe.tokenizer) - _logits(pipe.model, pipe.tokenizer)).abs().max() <= 1e-4
 
 
-def test_a_registered_task_reloads_where_it_is_not_registered(tmp_path):
+def test_a_registered_task_and_a_prior_object_reload(tmp_path):
     from bayes_polar.config import FitConfig
     from bayes_polar.data.user_tasks import REGISTERED, register_task
+    from bayes_polar.errors import ConfigError
+    from bayes_polar.models import IsotropicPrior
     from bayes_polar.predict import Predictor
     from bayes_polar.run import run_fit
 
@@ -88,9 +90,14 @@ def test_a_registered_task_reloads_where_it_is_not_registered(tmp_path):
     register_task("pets", path, fields={"question": "prompt", "choices": ["a", "b", "c"], "answer": "gold"})
     try:
         config = FitConfig(model="tiny-random-llama", task="pets", steps=2, batch_size=3, layers=[-1], rank=2,
-                           threads=1, max_length=48, checkpoint_every=0, warmup_steps=0)
-        run_fit(config, tmp_path / "run", progress=False, log=lambda *_: None)
+                           threads=1, max_length=48, checkpoint_every=0, warmup_steps=0,
+                           prior=IsotropicPrior(variance=0.5))  # a prior object, as defined in a notebook
+        metrics = run_fit(config, tmp_path / "run", progress=False, log=lambda *_: None)
     finally:
         REGISTERED.pop("pets")
-    result = Predictor.from_run(tmp_path / "run").predict("Which one meows?", choices=["cat", "cow"])[0]
+    assert "reloading needs the same object" in metrics["python_objects"]["prior"]
+    with pytest.raises(ConfigError, match="pass the same object again"):
+        Predictor.from_run(tmp_path / "run")
+    predictor = Predictor.from_run(tmp_path / "run", prior=IsotropicPrior(variance=0.5))
+    result = predictor.predict("Which one meows?", choices=["cat", "cow"])[0]
     assert len(result["probabilities"]) == 2 and result["entropy"] >= result["aleatoric"] >= 0

@@ -61,3 +61,11 @@ def test_load_run_needs_no_training_data(tmp_path, data_dir, method, format):
         assert r["entropy"] == pytest.approx(r["aleatoric"] + r["epistemic"], abs=1e-9)
     spread = max(r["epistemic"] for r in results)
     assert spread == 0 if method == "lora-mle" else spread > 0  # members, dropout passes, posterior draws
+    if method == "polar-vbll":  # a run reloaded on another backbone is refused, naming its layout file
+        from bayes_polar.errors import ConfigError
+
+        layout = tmp_path / "run" / "layout.json"
+        values = json.loads(layout.read_text())
+        layout.write_text(json.dumps({**values, "hidden_size": values["hidden_size"] + 1}))
+        with pytest.raises(ConfigError, match=r"layout.json: the run was trained on 'tiny-random-llama'"):
+            load_run(tmp_path / "run")
