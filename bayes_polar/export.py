@@ -164,12 +164,14 @@ def _export_head(pipe, method, folder: Path) -> None:
     info = {"method": config.method, "format": config.format, "feature_dim": method.extractor.feature_dim,
             "loglik_features": bool(method.extractor.loglik_features),
             "answer_words": list(pipe.train.task.answer_words), "predictive_samples": config.predictive_samples,
-            "feature_normalisation": None,
+            "feature_normalisation": _normalisation(config.format, method.extractor.scaling),
             "features": ("letters: the final hidden state (after the final norm) at the last prompt token; one "
                          "logit per answer word, z = W phi" if config.format == "letters" else
                          "options: per choice, the final hidden state at the last token of 'context + option' "
                          "(+ the option's summed and mean log-likelihood when loglik_features); one shared row "
                          "w, z_c = w . phi_c")}
+    if method.extractor.scaling is not None:
+        tensors["feature_scale"] = method.extractor.scaling.scale
     posterior = method.laplace
     if posterior is None and isinstance(head, VariationalHead):
         try:
@@ -195,6 +197,15 @@ def _export_head(pipe, method, folder: Path) -> None:
         info["temperature"] = float(head.temperature)
     save_file({k: v.detach().float().contiguous() for k, v in tensors.items()}, folder / "head.safetensors")
     atomic_write_json(folder / "head.json", info)
+
+
+def _normalisation(format: str, scaling) -> str:
+    """How extracted features become the head's input (:mod:`bayes_polar.data.normalization`), in words."""
+    centring = ("options: subtract each question's mean feature over its valid choices (missing choices stay 0); "
+                if format == "options" else "")
+    scale = ("then divide each dimension by 'feature_scale' (its RMS on the training split)" if scaling is not None
+             else "no scaling")
+    return centring + scale
 
 
 def model_card(run_dir: Path, config, units: list[dict]) -> str:

@@ -50,6 +50,21 @@ def test_export_reloads_with_plain_transformers(tmp_path, data_dir, method, caps
     tensors = load_file(exp / "head" / "head.safetensors")
     assert head["format"] == "options" and tensors["zero_shot"].shape == (1, head["feature_dim"])
     assert ("loc" in tensors and "factor" in tensors) if method == "polar-vbll" else "weight" in tensors
+    # the exported recipe alone (raw features -> centre -> divide by feature_scale -> W) gives the run's point
+    from bayes_polar.data.formats import make_loader
+    from bayes_polar.run import encode_eval
+
+    batch = next(iter(make_loader(encode_eval(pipe, "arc_easy", "validation", data_dir, limit=4), pipe.tokenizer,
+                                  batch_size=4)))
+    raw = pipe.method.extractor.raw(batch)
+    mask = raw.mask.unsqueeze(-1).float()
+    phi = (raw.phi - (raw.phi * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True)) * mask
+    phi = phi / tensors["feature_scale"]
+    weights = tensors["loc"] if method == "polar-vbll" else tensors["weight"] / head.get("temperature", 1.0)
+    logits = (phi @ weights.T).squeeze(-1).masked_fill(~raw.mask.bool(), float("-inf"))
+    expected = pipe.method.head.point_proba(pipe.method.features(batch))
+    torch.testing.assert_close(logits.softmax(-1), expected, rtol=1e-4, atol=1e-5)
+    assert "feature_scale" in head["feature_normalisation"]
     assert (exp / "README.md").read_text().startswith(f"# {method} on arc_easy")
     assert json.loads((exp / "export.json").read_text())["parts"][0]["max_logit_difference"] <= 1e-4
     if method == "lora-mle":
