@@ -52,7 +52,7 @@ from .bll.registry import load_prior
 from .data.tasks import LETTERS, Task, default_split, letters_transfer, load_task
 from .data.user_tasks import is_task_path, user_task_spec
 from .run_layout import ZERO_SHOT_FILE, RunLayout
-from .training.loop import epoch_loader, fit, restore_training_state, training_state, warm_prefix_cache
+from .training.loop import epoch_loader, fit, restore_training_state, training_state
 
 HELDOUT_FRACTION = 0.1  # temperature scaling fits T on this slice of the training split
 
@@ -133,6 +133,7 @@ def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = 
     rows = answer_head_rows(model, train.answer_ids) if config.format == "letters" else None
     zero_shot = zero_shot_weights(config.format, extractor.feature_dim, rows, config.loglik_features)
     if saved is None:
+        _warm_trunk(config, model, trunk, tokenizer, train)  # the head start reads the training features
         start = fit_head_start(extractor, train, tokenizer, zero_shot, config.feature_standardization,
                                config.eval_batch_size)
         zero_shot, init = start.zero_shot, start.init
@@ -196,14 +197,13 @@ def encode_for(pipe: Pipeline, task: Task) -> EncodedTask:
 
 
 # ------------------------------------------------------------------------------------ prefix cache on disk
-def _cache_file(pipe: Pipeline, encoded: EncodedTask) -> Path | None:
-    trunk = getattr(pipe.method.extractor if isinstance(pipe.method, Method) else pipe.method.method.extractor,
-                    "trunk", None)
-    if not pipe.config.cache_dir or not isinstance(trunk, CachedTrunk):
+def _cache_file(config: FitConfig, model, trunk, encoded: EncodedTask) -> Path | None:
+    """Where ``--cache-dir`` keeps the prefix cache of ``encoded`` (None: no cache dir or no prefix cache)."""
+    if not config.cache_dir or not isinstance(trunk, CachedTrunk):
         return None
-    key = model_fingerprint(pipe.model, trunk.start_layer, trunk.dtype)
+    key = model_fingerprint(model, trunk.start_layer, trunk.dtype)
     name = f"{file_label(encoded.task.name)}-{encoded.task.split}-{encoded.format}-{encoded.max_length}-{len(encoded)}"
-    root = Path(pipe.config.cache_dir).expanduser().resolve()
+    root = Path(config.cache_dir).expanduser().resolve()
     path = (root / key / f"{name}.safetensors").resolve()
     if path.parent.parent != root:
         raise ConfigError(f"prefix-cache file name {name!r} leaves the cache folder {root}")
@@ -215,20 +215,26 @@ def _cache_manifest(path: Path) -> str:
 
 
 def warm_cache(pipe: Pipeline, encoded: EncodedTask, progress: bool = False) -> None:
-    """Fill the prefix cache for ``encoded`` (from ``--cache-dir`` when a verified file exists there).
+    """Fill the prefix cache of ``pipe``'s method for ``encoded`` (see :func:`_warm_trunk`)."""
+    method = pipe.method.method if isinstance(pipe.method, Ensemble) else pipe.method
+    _warm_trunk(pipe.config, pipe.model, method.extractor.trunk, pipe.tokenizer, encoded, progress)
+
+
+def _warm_trunk(config: FitConfig, model, trunk, tokenizer, encoded: EncodedTask, progress: bool = False) -> None:
+    """Fill ``trunk``'s prefix cache for ``encoded`` (from ``--cache-dir`` when a verified file exists there).
 
     The cache is optional: a file that fails its sha256 manifest (or holds NaN/Inf) is recomputed with
     a warning, and a write that fails (a full disk) is a warning too.
     """
-    method = pipe.method.method if isinstance(pipe.method, Ensemble) else pipe.method
-    path = _cache_file(pipe, encoded)
-    trunk = method.extractor.trunk
+    if not hasattr(trunk, "warm"):
+        return
+    path = _cache_file(config, model, trunk, encoded)
     if path is not None and path.exists():
         try:
             trunk.load(verify(path.parent, path.name, _cache_manifest(path)))
         except (ArtifactError, NumericalError) as exc:
             warnings.warn(f"prefix cache {path} is unusable, recomputing it: {exc}", BayesPolarWarning, stacklevel=2)
-    added = warm_prefix_cache(method, encoded, pipe.tokenizer, pipe.config.eval_batch_size, progress)
+    added = trunk.warm(make_loader(encoded, tokenizer, batch_size=config.eval_batch_size), progress)
     if path is not None and added and ddp.is_main():
         try:
             trunk.save(path)
