@@ -132,6 +132,7 @@ def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = 
     extractor = FeatureExtractor(model, config.format, config.loglik_features, trunk)
     rows = answer_head_rows(model, train.answer_ids) if config.format == "letters" else None
     zero_shot = zero_shot_weights(config.format, extractor.feature_dim, rows, config.loglik_features)
+    start = None
     if saved is None:
         _warm_trunk(config, model, trunk, tokenizer, train)  # the head start reads the training features
         start = fit_head_start(extractor, train, tokenizer, zero_shot, config.feature_standardization,
@@ -152,6 +153,8 @@ def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = 
     torch.manual_seed(config.seed + 1)
     method = build_method(config, model, extractor, dataset_size=dataset_size, num_rows=init.shape[0],
                           init=init, prior=prior, num_classes=train.num_classes)
+    if start is not None:
+        method.extras["head_start"] = start.report()
     if is_variational(config.method):
         num_classes = train.num_classes
         dummy = Features(torch.zeros(1, num_classes if config.format == "options" else 1, extractor.feature_dim),

@@ -35,7 +35,14 @@ class HeadStart:
     scaling: FeatureScaling | None
     zero_shot: torch.Tensor
     init: torch.Tensor
-    temperature: float
+    temperature: float  # inf: the start is uniform
+    nll: float  # of ``init`` on the questions it was fitted on
+    uniform_nll: float
+
+    def report(self) -> dict:
+        """For metrics.json: the fitted temperature (None when uniform) and the start's NLL against uniform's."""
+        finite = self.temperature != float("inf")
+        return {"temperature": self.temperature if finite else None, "nll": self.nll, "uniform_nll": self.uniform_nll}
 
 
 def uniform_nll(mask: torch.Tensor) -> float:
@@ -72,4 +79,4 @@ def fit_head_start(extractor: FeatureExtractor, train: EncodedTask, tokenizer, z
         extractor.scaling = scaling
         phi, zero_shot = scaling(phi), scaling.weights(zero_shot)
     init, temperature = tempered_zero_shot(zero_shot, phi, mask, labels)
-    return HeadStart(scaling, zero_shot, init, temperature)
+    return HeadStart(scaling, zero_shot, init, temperature, nll(init, phi, mask, labels), uniform_nll(mask))

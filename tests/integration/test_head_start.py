@@ -1,4 +1,5 @@
 """The fitted start of a run: feature scaling (saved, restored) and a head no worse than uniform on the training split."""
+
 import pytest
 import torch
 
@@ -22,6 +23,8 @@ def test_the_head_starts_no_worse_than_uniform_on_the_training_split(data_dir, m
     features, labels, _ = split_features(pipe, split="train")
     start = nll(pipe.method.head_mean(), features.phi, features.mask, labels)
     assert start <= uniform_nll(features.mask) + 1e-6
+    report = pipe.method.extras["head_start"]  # written to metrics.json
+    assert report["nll"] == pytest.approx(start, abs=1e-5) and report["uniform_nll"] == pytest.approx(uniform_nll(features.mask), abs=1e-6)
     raw = nll(pipe.zero_shot, features.phi, features.mask, labels)  # the untempered zero-shot head
     assert raw > uniform_nll(features.mask), "the case the fitted temperature is for"
 
