@@ -27,7 +27,7 @@ from .training.faults import TrainingGuard
 from .data.features import FeatureExtractor, Features, answer_head_rows, extract_features
 from .data.formats import EncodedTask, encode_task, make_loader
 from .training.trainable_heads import zero_shot_weights
-from .training.methods import Ensemble, Method, attach_adapters, build_method, first_adapted_block, is_variational
+from .training.methods import Ensemble, Method, attach_adapters, build_method, first_adapted_block, is_blob, is_variational
 from .data.prefix_cache import CachedTrunk, model_fingerprint
 from .bll.registry import load_prior
 from .data.tasks import Task, load_task, task_spec
@@ -161,7 +161,7 @@ def train_pipeline(pipe: Pipeline, run_dir: Path, resume: bool, progress: bool, 
     ddp.replicate(method)  # multi-process: rank 0's parameters everywhere, gradients averaged over ranks
     loader = epoch_loader(pipe.train, pipe.tokenizer, config.batch_size, config.seed, *ddp.shard())
     bar = tqdm(total=config.steps, initial=step, desc=config.method, disable=not progress)
-    key = "elbo" if is_variational(config.method) else "nll"
+    key = "elbo" if is_variational(config.method) else "neg_elbo" if is_blob(config.method) else "nll"
 
     def callback(done: int, logs: dict) -> bool:
         logs = ddp.mean_logs(logs)
