@@ -110,3 +110,18 @@ def test_polar_blob_keeps_x_y_orthonormal_and_moves_theta_and_its_std(data_dir):
     for _, layer in polar_layers(pipe.method.model):
         assert max(orthogonality_error(layer).values()) < 1e-5
     assert len(trace) == 6 and all(torch.isfinite(torch.tensor(trace)))
+
+
+def test_polar_blob_under_torchrun_keeps_ranks_identical_and_resumes_exactly(tmp_path, data_dir):
+    """2 processes: ranks hold bit-identical tensors (σ included); a DDP checkpoint resumes to the same ones."""
+    from .test_distributed import ranks, succeeded, torchrun
+
+    options = dict(method="polar-blob", mc_passes=2, steps=4)
+    succeeded(torchrun(data_dir, tmp_path / "straight", tmp_path / "B", checkpoint_every=0, **options))
+    succeeded(torchrun(data_dir, tmp_path / "first", tmp_path / "A", checkpoint_every=0, **{**options, "steps": 2}))
+    succeeded(torchrun(data_dir, tmp_path / "resumed", tmp_path / "A", "--resume", checkpoint_every=0, **options))
+    straight, resumed = ranks(tmp_path / "straight"), ranks(tmp_path / "resumed")
+    assert any(key.endswith("polar_theta_rho") for key in straight[0])
+    for key in straight[0]:
+        assert torch.equal(straight[0][key], straight[1][key]), key
+        assert torch.equal(straight[0][key], resumed[0][key]), key
