@@ -27,7 +27,7 @@ from .typecheck import check_fields
 from .data.formats import FORMATS
 
 METHODS = ("polar-vbll", "polar-vbll-la", "polar-mle", "lora-vbll", "lora-mle", "lora-map", "lora-mcdropout",
-           "lora-ensemble", "lora-laplace", "temperature-scaling")
+           "lora-ensemble", "lora-laplace", "temperature-scaling", "lora-blob", "polar-blob")
 SCHEDULES = ("cosine", "linear", "constant")
 ON_NAN = ("stop", "skip")
 ORTHOGONALITY_TOL = {"riemannian_adam": 1e-4, "landing": 0.1}  # landing: 2 x adapters.optim.LANDING_TOLERANCE
@@ -68,6 +68,8 @@ class FitConfig:
     elbo: str = _help("ELBO estimator: jensen (closed form), mc or mc_meanfield (Pyro, any prior)", "jensen")
     num_particles: int = _help("Monte Carlo ELBO particles (W only; the backbone runs once)", 8)
     kl_weight: float | None = _help("weight of KL in the per-example ELBO (default 1/N)", None)
+    kl_reweighting: bool = _help("lora-blob, polar-blob: BLoB's KL re-weighting within each epoch, mean 1 "
+                                 "(false: constant weight)", True)
     head_init: str = _help("initial head mean: zero_shot (the LM's own scores at a temperature fitted on the "
                            "training split; uniform if they do worse than uniform) or prior (its mean)", "zero_shot")
     # adapters
@@ -92,7 +94,7 @@ class FitConfig:
     seed: int = _help("random seed", 0)
     # prediction
     predictive_samples: int = _help("last-layer samples S of the posterior predictive", 256)
-    mc_passes: int = _help("lora-mcdropout: stochastic passes at test time", 10)
+    mc_passes: int = _help("lora-mcdropout, lora-blob, polar-blob: stochastic passes at test time", 10)
     dropout: float = _help("lora-mcdropout: adapter dropout", 0.1)
     ensemble_size: int = _help("lora-ensemble: members M", 3)
     # execution

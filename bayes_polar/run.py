@@ -46,7 +46,8 @@ from .data.formats import EncodedTask, encode_task, make_loader
 from .training.trainable_heads import zero_shot_weights
 from .training.head_start import fit_head_start
 from .data.normalization import FeatureScaling
-from .training.methods import Ensemble, Method, attach_adapters, build_method, first_adapted_block, is_variational
+from .training.methods import (Ensemble, Method, attach_adapters, build_method, first_adapted_block, is_blob,
+                               is_variational)
 from .data.prefix_cache import CachedTrunk, model_fingerprint
 from .bll.registry import load_prior
 from .data.tasks import LETTERS, Task, default_split, letters_transfer, load_task
@@ -265,7 +266,7 @@ def train_pipeline(pipe: Pipeline, run_dir: Path, resume: bool, progress: bool, 
     ddp.replicate(method)  # multi-process: rank 0's parameters everywhere, gradients averaged over ranks
     loader = epoch_loader(pipe.train, pipe.tokenizer, config.batch_size, config.seed, *ddp.shard())
     bar = tqdm(total=config.steps, initial=step, desc=config.method, disable=not progress)
-    key = "elbo" if is_variational(config.method) else "nll"
+    key = "elbo" if is_variational(config.method) else "neg_elbo" if is_blob(config.method) else "nll"
 
     def callback(done: int, logs: dict) -> bool:
         logs = ddp.mean_logs(logs)

@@ -6,7 +6,7 @@ import torch
 
 from conftest import REPO
 
-SCRIPTS = ["train_step", "optimizer_step", "predictive", "memory", "head_cost", "prefix_cache"]
+SCRIPTS = ["train_step", "optimizer_step", "predictive", "memory", "head_cost", "prefix_cache", "inference_cost"]
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError, NoTargetModulesError, UnsupportedModuleError
 from .config import PolarConfig
+from .blob import BayesPolarLinear
 from .layer import PolarLinear
 from .modules import is_adapter_layer, polar_layers, unwrap
 
@@ -122,12 +123,13 @@ def _no_match_message(model, target_modules, layers, exclude_modules) -> str:
 
 
 def inject_polar(model: nn.Module, target_modules=("q_proj", "v_proj"), rank: int = 8, alpha: float = 16.0,
-                 layers=None, exclude_modules=None, *, config: PolarConfig | None = None) -> nn.Module:
+                 layers=None, exclude_modules=None, *, config: PolarConfig | None = None,
+                 bayesian: bool = False) -> nn.Module:
     r"""Wrap the target linear layers of ``model`` in :class:`PolarLinear`, in place; freeze the rest.
 
     Each target computes :math:`h = W_0 x + (\alpha / r)\, X \Theta Y^\top x` with :math:`\Theta = 0`
-    at init, so the model's outputs do not change. Only ``polar_X``, ``polar_Y`` and ``polar_theta``
-    stay trainable (other adapters of a peft-wrapped model are frozen too).
+    at init, so the model's outputs do not change. Only the adapter parameters (``polar_X``, ``polar_Y``,
+    ``polar_theta``; ``polar_theta_rho`` too when ``bayesian``) stay trainable (other adapters of a peft-wrapped model are frozen too).
 
     Parameters
     ----------
@@ -137,6 +139,7 @@ def inject_polar(model: nn.Module, target_modules=("q_proj", "v_proj"), rank: in
     layers : block indices (negative counts from the end), None for all blocks.
     exclude_modules : like ``target_modules``, checked first.
     config : a :class:`PolarConfig` instead of the five settings above.
+    bayesian : wrap in :class:`~bayes_polar.adapters.blob.BayesPolarLinear` (a Gaussian posterior on Θ, BLoB).
 
     Returns
     -------
@@ -153,10 +156,11 @@ def inject_polar(model: nn.Module, target_modules=("q_proj", "v_proj"), rank: in
     if getattr(base, "polar_config", None) is not None:
         raise ConfigError(f"model already carries PoLAR adapters on {base.polar_targets}; inject once with all targets")
     names = find_target_modules(base, config.target_modules, config.layers, config.exclude_modules)
+    layer_cls = BayesPolarLinear if bayesian else PolarLinear
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = base.get_submodule(parent_name)
-        setattr(parent, child, PolarLinear(getattr(parent, child), config.r, config.alpha))
+        setattr(parent, child, layer_cls(getattr(parent, child), config.r, config.alpha))
     mark_only_polar_trainable(base)
     base.polar_config, base.polar_targets = config, names
     return model

@@ -20,14 +20,16 @@ LORA_SETTINGS = ("r", "lora_alpha", "lora_dropout", "target_modules", "layers_to
 
 
 def inject_lora(model: nn.Module, target_modules=("q_proj", "v_proj"), rank: int = 8, alpha: float = 16.0,
-                layers=None, dropout: float = 0.0, exclude_modules=None) -> nn.Module:
+                layers=None, dropout: float = 0.0, exclude_modules=None, bayesian: bool = False) -> nn.Module:
     """Add peft LoRA adapters, in place, to the modules :func:`inject_polar` would adapt; freeze the rest.
 
     Targets are resolved by the same matcher as :func:`inject_polar` (same ``target_modules``,
     ``layers``, ``exclude_modules`` semantics) and handed to peft as exact module names, so both
     adapters wrap the same layers; peft's own ``layers_to_transform`` check is skipped for regex
     targets, which is why it is recorded in the ``LoraConfig`` (with ``layers_pattern``) but not
-    relied on. The model gains ``lora_targets`` (names) and peft's ``peft_config``.
+    relied on. The model gains ``lora_targets`` (names) and peft's ``peft_config``. ``bayesian``: each
+    layer is a :func:`~bayes_polar.adapters.blob.lora_linear_class` (BLoB: a Gaussian posterior on A), through
+    peft's custom-module dispatch.
 
     Usage::
 
@@ -46,17 +48,22 @@ def inject_lora(model: nn.Module, target_modules=("q_proj", "v_proj"), rank: int
         blocks_name, blocks = find_blocks(base)
         settings.update(layers_to_transform=resolve_layers(layers, len(blocks)),
                         layers_pattern=blocks_name.rpartition(".")[2])
-    inject_lora_settings(base, settings)
+    inject_lora_settings(base, settings, bayesian=bayesian)
     return model
 
 
-def inject_lora_settings(model: nn.Module, settings: dict) -> list[str]:
+def inject_lora_settings(model: nn.Module, settings: dict, bayesian: bool = False) -> list[str]:
     """Inject peft LoRA from :data:`LORA_SETTINGS` values (as saved by :func:`lora_settings`)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     base = unwrap(model)
     names = list(settings["target_modules"])
-    inject_adapter_in_model(LoraConfig(**settings), base)
+    config = LoraConfig(**settings)
+    if bayesian:
+        from .blob import lora_linear_class
+
+        config._register_custom_module({nn.Linear: lora_linear_class()})
+    inject_adapter_in_model(config, base)
     found = [name for name, _ in lora_layers(base)]
     if sorted(found) != sorted(names):
         raise BayesPolarError(f"peft adapted {found}, expected {names}")

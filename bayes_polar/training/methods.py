@@ -13,7 +13,12 @@ lora-mcdropout     LoRA+drop   point        adapter step (+ head)         mean o
 lora-laplace       LoRA + wd   point+prior  adapter step (+ head)         last-layer Laplace, δ by evidence
 temperature-sc.    LoRA        point        adapter step (+ head)         softmax(z / T), T on held-out
 lora-ensemble      M × lora-mle (see :mod:`bayes_polar.run`)               mean of members
+lora-blob          BLoB: q(A)  point        adapter step, NLL + w·KL/N    mean of N sampled passes
+polar-blob         BLoB: q(Θ)  point        adapter step, NLL + w·KL/N    mean of N sampled passes
 =================  ==========  ===========  ============================  ===========================
+
+BLoB's layers, prior and re-weighting: :mod:`bayes_polar.adapters.blob`; its loss:
+:mod:`bayes_polar.training.blob_loss`. Its point prediction is the posterior mean (eval mode).
 """
 from __future__ import annotations
 
@@ -31,25 +36,34 @@ from .trainable_heads import PointHead, VariationalHead
 from ..bll.laplace import fit_laplace
 from ..bll.logit_noise import LogitNoise
 from ..bll.predictive import logit_variance, sample_proba
+from .blob_loss import BlobLoss, steps_per_epoch
+from .distributed import shard
 from .steps import AdapterStep, GuideStep, JointStep, lr_lambda
 
 VARIATIONAL = ("polar-vbll", "polar-vbll-la", "lora-vbll")
 LAPLACE = ("polar-vbll-la", "lora-laplace")
+BLOB = ("lora-blob", "polar-blob")  # Bayesian adapters: weights sampled in training mode
+SAMPLED_PASSES = ("lora-mcdropout", *BLOB)  # predict_proba averages mc_passes training-mode passes
 
 
 def is_variational(method: str) -> bool:
     return method in VARIATIONAL
 
 
+def is_blob(method: str) -> bool:
+    return method in BLOB
+
+
 def attach_adapters(model: nn.Module, config: FitConfig) -> list[str]:
     """Inject PoLAR or peft LoRA adapters as the method asks; returns the adapted module names."""
     kwargs = dict(target_modules=config.target_module_names, rank=config.rank, alpha=config.alpha,
                   layers=config.layer_indices)
+    bayesian = is_blob(config.method)
     if config.method.startswith("polar"):
-        inject_polar(model, **kwargs)
+        inject_polar(model, bayesian=bayesian, **kwargs)
         return list(model.polar_targets)
     dropout = config.dropout if config.method == "lora-mcdropout" else 0.0
-    inject_lora(model, dropout=dropout, **kwargs)
+    inject_lora(model, dropout=dropout, bayesian=bayesian, **kwargs)
     return list(model.lora_targets)
 
 
@@ -102,7 +116,7 @@ class Method:
         last layer (variational head or Laplace, S = ``num_samples``), or S = 1 (point heads).
         ``features``: reuse an eval-mode pass."""
         if self.mc_passes > 1:
-            self.model.train()  # dropout on: MC dropout
+            self.model.train()  # dropout on (MC dropout), adapter weights sampled (BLoB)
             probs = torch.stack([self.head.predict_proba(self.features(batch)) for _ in range(self.mc_passes)])
             self.model.eval()
             return probs
@@ -285,8 +299,15 @@ def build_method(config: FitConfig, model: nn.Module, extractor: FeatureExtracto
                                    "weight_decay": 0.0})
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     loss_fn = head.loss
-    adapter_step = AdapterStep(loss_fn, optimizer, scheduler, config.clip_norm,
-                               name="neg_elbo" if is_variational(config.method) else "nll")
+    adapter_loss = loss_fn
+    if is_blob(config.method):
+        adapter_steps = config.adapter_steps if config.mode == "alternating" else 1
+        adapter_loss = BlobLoss(loss_fn, model, scheduler, dataset_size=dataset_size, kl_weight=config.kl_weight,
+                                reweighting=config.kl_reweighting,
+                                steps_per_epoch=steps_per_epoch(dataset_size, config.batch_size, shard()[0],
+                                                                adapter_steps))
+    adapter_step = AdapterStep(adapter_loss, optimizer, scheduler, config.clip_norm,
+                               name="neg_elbo" if is_variational(config.method) or is_blob(config.method) else "nll")
     if not is_variational(config.method):
         steps = [adapter_step]
         head_only = torch.optim.Adam([head.weight], lr=config.head_lr)
@@ -299,4 +320,4 @@ def build_method(config: FitConfig, model: nn.Module, extractor: FeatureExtracto
     return Method(config.method, model, extractor, head, steps, optimizer, scheduler,
                   adapter_steps=config.adapter_steps if config.mode == "alternating" else 1,
                   head_warmup_steps=config.head_warmup_steps, warmup=warmup,
-                  mc_passes=config.mc_passes if config.method == "lora-mcdropout" else 1)
+                  mc_passes=config.mc_passes if config.method in SAMPLED_PASSES else 1)
