@@ -53,8 +53,8 @@ def test_comparison_inference_data(comparisons):
     full = comparisons[0]
     assert full.nuts.posterior["W"].shape == (2, 300, 1, 3)
     assert full.nuts.sample_stats["diverging"].dims == ("chain", "draw")
-    assert full.vi.posterior["W"].shape == (1, 2000, 1, 3)
-    assert full.vi.posterior_predictive["proba"].shape == (1, 2000, 20, 3)
+    assert full.vi.posterior["W"].shape == (2, 1000, 1, 3)  # iid draws in two chains
+    assert full.vi.posterior_predictive["proba"].shape == (2, 1000, 20, 3)
     text = format_report(full.report)
     assert "max r_hat" in text and "W[class_0, phi_" in text and "sd_VI / sd_NUTS" in text and "mean |p_VI - p_NUTS|" in text
 

@@ -35,7 +35,7 @@ from ..errors import ConfigError
 from .metrics import classification_metrics
 from ..data.normalization import centre_options
 from ..bll.model import BayesianLastLayer, Prior
-from .inspection import from_weight_draws, guide_draws, plot_forest, save_inference_data, summary
+from .inspection import DEFAULT_CHAINS, from_weight_draws, guide_draws, plot_forest, save_inference_data, split_chains, summary
 from ..bll.posterior import WEIGHT_SITE, weight_posterior
 
 FILES = {"report": "posterior_check.json", "forest": "posterior_check_forest.png",
@@ -218,8 +218,9 @@ def compare_vi_nuts(phi, mask, labels, prior: Prior, guide="full", *, eval_data=
     nuts = from_weight_draws(nuts_weights, eval_phi, eval_mask, eval_labels, extra=nuts_draws,
                              sample_stats={"diverging": (divergent.numpy(), ("chain", "draw"))},
                              attrs={"inference": "NUTS"}, **names)
-    vi = from_weight_draws(vi_draws.pop(WEIGHT_SITE), eval_phi, eval_mask, eval_labels,
-                           extra={k: v.unsqueeze(0) for k, v in vi_draws.items()}, attrs={"inference": "VI"}, **names)
+    vi_draws = split_chains(vi_draws, DEFAULT_CHAINS if num_draws % DEFAULT_CHAINS == 0 else 1)  # iid: r_hat ≈ 1
+    vi = from_weight_draws(vi_draws.pop(WEIGHT_SITE), eval_phi, eval_mask, eval_labels, extra=vi_draws,
+                           attrs={"inference": "VI"}, **names)
     report = _report(nuts, vi, nuts_weights, vi_mean, vi_sd, eval_mask, eval_labels)
     report["nuts"].update(chains=chains, num_samples=num_samples, warmup=warmup, seconds=round(nuts_seconds, 1),
                           divergences=int(divergent.sum()))

@@ -12,7 +12,8 @@ Each cell is one ``bayes-polar fit`` run in ``OUT/cells/<task>/<method>/seed<k>`
 frozen blocks' states are cached on disk once per task and shared by every cell. Results go to
 ``OUT/results.csv`` (one row per cell and evaluated split: calibration metrics, selective prediction,
 OOD AUROC/AUPR per uncertainty score), ``OUT/table.md`` (ACC / ECE / NLL; AURC for every column; OOD
-AUROC of max probability, entropy and mutual information for the OOD training task's columns; mean
+AUROC of max probability, entropy, mutual information and logit variance for the OOD training task's
+columns; mean
 ± std over seeds) and ``OUT/reliability.png`` (one panel per method).
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ METRICS = ("acc", "ece", "nll", "brier")
 EXTRA_METRICS = ("ace", "mce", "cw_ece")  # absent from runs made before they existed: empty cells
 SELECTIVE = ("aurc", "e_aurc", "acc@80", "acc@90")
 OOD_BLOCKS = (("max_prob", "max probability"), ("entropy", "predictive entropy"),
-              ("mutual_information", "mutual information"))
+              ("mutual_information", "mutual information"), ("logit_variance", "logit variance"))
 
 
 @dataclass
