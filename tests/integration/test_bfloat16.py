@@ -6,7 +6,7 @@ import torch
 
 from bayes_polar.adapters import polar_layers
 from bayes_polar.data.formats import make_loader
-from bayes_polar.run import load_run, run_fit
+from bayes_polar.run import encode_eval, load_run, run_fit
 
 from .test_fit import tiny_config
 
@@ -36,7 +36,7 @@ def test_bfloat16_backbone_fit_evaluate_resume(tmp_path, data_dir):
 
     pipe = load_run(tmp_path / "run")
     _check_placement(pipe)
-    batch = next(iter(make_loader(pipe.train, pipe.tokenizer, batch_size=4)))
+    batch = next(iter(make_loader(encode_eval(pipe, "arc_easy", "validation", limit=4), pipe.tokenizer, batch_size=4)))
     features = pipe.method.features(batch)
     assert features.phi.dtype == torch.float32 and torch.isfinite(features.phi).all()
     assert load_run(tmp_path / "run", dtype="float32").model.get_input_embeddings().weight.dtype == torch.float32
