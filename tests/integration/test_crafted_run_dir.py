@@ -99,6 +99,8 @@ def test_remote_code_named_by_the_run_needs_trust_remote_code_on_this_command(ca
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "evil.py").write_text(EVIL_MODEL.format(marker=str(marker)))
     run = crafted(model=str(folder), trust_remote_code=True)
+    for name in ("layout.json", "zero_shot.safetensors"):  # its layout would refuse the swapped backbone class
+        (run / name).unlink()
     code, err = _evaluate(capsys, run)
     assert code == 1 and not marker.exists(), err
     assert "sets trust_remote_code" in err and "pass --trust-remote-code" in err
