@@ -107,7 +107,7 @@ class FitConfig:
     dtype: str = _help("backbone precision: float32, bfloat16 or float16 (adapters X, Y, Θ and the last layer "
                        "stay float32; features are cast to float32)", "float32")
     gradient_checkpointing: bool = _help("recompute the adapted blocks' activations in the backward pass "
-                                         "(less memory for large backbones, ~30% more compute)", False)
+                                         "(less memory for large backbones, about a third more compute)", False)
     checkpoint_every: int = _help("steps between checkpoints (0: only at the end)", 50)
     eval_batch_size: int = _help("questions per evaluation batch", 16)
     trust_remote_code: bool = _help("let transformers run Python code shipped with a hub model (only for a model "

@@ -57,7 +57,7 @@ def check_resume(config, saved: dict | None, checkpoints: list[tuple[Path, objec
 
 
 def _schedule(config) -> str:
-    return (f"{config.schedule} learning-rate schedule ({config.warmup_steps} warm-up steps, then {config.schedule} "
+    return (f"{config.schedule} learning-rate schedule ({config.warmup_step_count} warm-up steps, then {config.schedule} "
             "over all --steps)")
 
 

@@ -47,7 +47,7 @@ def test_fewer_steps_than_the_checkpoint_are_refused(capsys, run, data_dir):
 def test_more_steps_need_extend_and_the_schedule_is_stated(capsys, run, data_dir):
     before = (run / "config.json").read_text()
     line = _fail(capsys, _fit(run, data_dir, "--steps", "6"))
-    assert "planned for 4: the cosine learning-rate schedule (20 warm-up steps" in line and "--extend" in line
+    assert "planned for 4: the cosine learning-rate schedule (0 warm-up steps" in line and "--extend" in line
     assert (run / "config.json").read_text() == before
     assert main(_fit(run, data_dir, "--steps", "6", "--extend")) == 0
     out = capsys.readouterr().out
