@@ -17,6 +17,8 @@ lora-ensemble      M × lora-mle (see :mod:`bayes_polar.run`)               mean
 """
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -83,17 +85,32 @@ class Method:
             return check_finite_features(self.extractor(batch), batch)
 
     def train_step(self, batch, step: int) -> dict:
-        """Run the method's steps on one minibatch; features are computed once per adapter update."""
+        """Run the method's steps on one minibatch, then advance every learning-rate schedule once.
+
+        Features are computed once per adapter update. A schedule's factor is that of the outer
+        ``step`` whatever ``guide_steps``, ``adapter_steps`` and ``head_warmup_steps`` are, so the
+        guide, adapter and head learning rates stay in step and end where the schedule ends.
+        """
         self.model.train()
         head_only = step < self.head_warmup_steps
         features = self.features(batch, grad=not head_only)
         logs = {}
         for s in self.warmup if head_only else self.steps:
-            for repeat in range(self.adapter_steps if s.updates_adapters else 1):
+            repeats = self.adapter_steps if s.updates_adapters and not head_only else 1
+            for repeat in range(repeats):
                 if repeat:
                     features = self.features(batch, grad=True)
                 logs.update(s(features, batch.labels))
+        self.step_schedules()
         return logs
+
+    def step_schedules(self) -> None:
+        """Advance the adapter (and head) schedule and the guide's by one outer training step."""
+        with warnings.catch_warnings():  # the adapters may sit out a head-only warm-up: their schedule still runs
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
+        if isinstance(self.head, VariationalHead):
+            self.head.step_schedule()
 
     @torch.no_grad()
     def predict_proba(self, batch, num_samples: int, features: Features | None = None) -> torch.Tensor:
@@ -250,12 +267,10 @@ def build_method(config: FitConfig, model: nn.Module, extractor: FeatureExtracto
                                    "weight_decay": 0.0})
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     loss_fn = head.loss
-    adapter_step = AdapterStep(loss_fn, optimizer, scheduler, config.clip_norm,
+    adapter_step = AdapterStep(loss_fn, optimizer, config.clip_norm,
                                name="neg_elbo" if is_variational(config.method) else "nll")
     if not is_variational(config.method):
-        steps = [adapter_step]
-        head_only = torch.optim.Adam([head.weight], lr=config.head_lr)
-        warmup = [AdapterStep(loss_fn, head_only, None, config.clip_norm, name="nll")]
+        steps = warmup = [adapter_step]  # head-only warm-up: detached features, so only the head moves
     elif config.mode == "joint":
         steps, warmup = [JointStep(head, adapter_step)], [GuideStep(head, config.guide_steps)]
     else:
