@@ -19,6 +19,9 @@ SCHEDULES = ("cosine", "linear", "constant")
 ON_NAN = ("stop", "skip")
 ORTHOGONALITY_TOL = {"riemannian_adam": 1e-4, "landing": 0.1}  # landing: 2 x adapters.optim.LANDING_TOLERANCE
 MODES = ("alternating", "joint")
+MAX_SEED = 2 ** 19  # plain runs' seeds are below it; lora-ensemble members use [2**31, 2**32) (run.member_seed)
+MAX_ENSEMBLE_SIZE = 2 ** 11
+MEMBER_SEED_BASE = 2 ** 31
 
 
 def _help(text: str, default=MISSING, **kwargs):
@@ -64,15 +67,17 @@ class FitConfig:
     batch_size: int = _help("questions per minibatch", 8)
     lr: float = _help("adapter learning rate (X, Y, Θ)", 1e-3)
     head_lr: float = _help("last-layer (guide or point head) learning rate", 1e-2)
-    weight_decay: float = _help("adapter weight decay (lora-map adds a prior on the head too)", 0.0)
+    weight_decay: float = _help("lora-map and lora-laplace: adapter weight decay, an L2 term (wd/2)·‖A‖² on the "
+                                "per-example loss (their heads get the prior); other methods use none", 1e-2)
     mode: str = _help("alternating (guide step, then adapter step) or joint (one step on both)", "alternating")
     guide_steps: int = _help("guide steps per round (alternating)", 1)
     adapter_steps: int = _help("adapter steps per round (alternating)", 1)
     head_warmup_steps: int = _help("first steps update the head only", 0)
     schedule: str = _help("learning-rate schedule: cosine, linear or constant", "cosine")
     warmup_steps: int = _help("linear learning-rate warm-up steps", 20)
-    clip_norm: float | None = _help("gradient-norm clipping (None: off)", 1.0)
-    seed: int = _help("random seed", 0)
+    clip_norm: float | None = _help("clip the global norm of the per-example loss's gradient, separately for the "
+                                    "guide and for the adapters (+ point head) (None: off)", 1.0)
+    seed: int = _help("random seed, 0 <= seed < 2**19 (lora-ensemble member m uses 2**31 + seed * 2**11 + m)", 0)
     # prediction
     predictive_samples: int = _help("last-layer samples S of the posterior predictive", 256)
     mc_passes: int = _help("lora-mcdropout: stochastic passes at test time", 10)
@@ -121,6 +126,10 @@ class FitConfig:
                 raise ConfigError(f"Expected {name} > 0 but got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"Expected 0 <= dropout < 1 but got {self.dropout}")
+        if not 0 <= self.seed < MAX_SEED:
+            raise ConfigError(f"Expected 0 <= seed < 2**19 but got {self.seed}")
+        if self.ensemble_size > MAX_ENSEMBLE_SIZE:
+            raise ConfigError(f"Expected ensemble_size <= 2**11 but got {self.ensemble_size}")
         if self.kl_weight is not None and self.kl_weight < 0:
             raise ConfigError(f"Expected kl_weight >= 0 but got {self.kl_weight}")
         if self.orthogonality_tol is not None and not self.orthogonality_tol > 0:

@@ -4,7 +4,7 @@
 method             adapters    head         steps                         predict_proba
 =================  ==========  ===========  ============================  ===========================
 polar-vbll         PoLAR       variational  guide step + adapter step     posterior predictive
-polar-vbll-la      PoLAR       variational  guide step + adapter step     last-layer Laplace at μ
+polar-vbll-la      PoLAR       variational  guide step + adapter step     last-layer Laplace, δ by evidence
 polar-mle          PoLAR       point        adapter step (+ head)         softmax
 lora-vbll          LoRA        variational  guide step + adapter step     posterior predictive
 lora-mle           LoRA        point        adapter step (+ head)         softmax
@@ -27,6 +27,7 @@ from torch import nn
 from ..adapters import adapter_state_dict, adapters_disabled, inject_lora, inject_polar, make_adapter_optimizer
 from ..adapters.inject import find_blocks, resolve_layers
 from ..config import FitConfig
+from ..errors import ConfigError, NumericalError
 from ..data.features import FeatureExtractor, Features, check_finite_features
 from ..bll.model import head_logits
 from .trainable_heads import PointHead, VariationalHead
@@ -158,16 +159,32 @@ class Method:
             return self.head.posterior().loc.detach()
         return self.head.weight.detach()
 
+    def prior_mean(self) -> torch.Tensor:
+        """(K, D) mean of the head's prior (zeros for a head without one, e.g. MLE)."""
+        loc = self.head_mean()
+        prior = self.head.model.prior if isinstance(self.head, VariationalHead) else self.head.prior
+        if prior is None:
+            return torch.zeros_like(loc)
+        rows, dim = loc.shape
+        if prior.hyper_sites(dim, rows):
+            raise ConfigError(f"{type(prior).__name__} samples hyperparameters: the last-layer Laplace needs a "
+                              "prior with a fixed mean")
+        return prior.distribution(dim, rows).mean.detach().expand(rows, dim).to(loc.dtype)
+
     @torch.no_grad()
     def fit_laplace(self, loader, prior_precision="marglik") -> float:
-        """Post-hoc last-layer Laplace at the head's mean, on the training features."""
+        """Post-hoc last-layer Laplace at the head's mean, on the training features.
+
+        The Gaussian prior N(m, δ⁻¹ I) has the head prior's mean m (:meth:`prior_mean`); δ is
+        given or, by default, maximises the Laplace evidence (:func:`~bayes_polar.bll.laplace.fit_laplace`).
+        """
         self.model.eval()
         phis, masks, labels = [], [], []
         for batch in loader:
             features = self.features(batch)
             phis.append(features.phi), masks.append(features.mask), labels.append(batch.labels)
         self.laplace, precision = fit_laplace(self.head_mean(), torch.cat(phis), torch.cat(labels),
-                                              torch.cat(masks), prior_precision)
+                                              torch.cat(masks), prior_precision, prior_loc=self.prior_mean())
         self.extras["laplace_prior_precision"] = precision
         return precision
 
@@ -209,20 +226,39 @@ class Method:
             self.head.load_optimizer_state(state["head_optimizer"])
 
 
+LOG_TEMPERATURE_BOUND = math.log(1e3)
+"""B of the bound |log T| < B (T in (1e-3, 1e3)): on a separable held-out slice the optimum is T → 0."""
+
+
 def optimal_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """argmin_T NLL(softmax(z / T)) over T in [e⁻³, e³] (Guo et al., 2017), by a log-spaced search.
+    """argmin_T (1/n) Σ_t −log softmax(z_t / T)_{y_t} (Guo et al., 2017), by L-BFGS from T = 1.
 
-    Bounded on purpose: on a small, separable held-out slice the unbounded optimum is T → 0.
+    Optimised over u with log T = B tanh(u / B) (B = :data:`LOG_TEMPERATURE_BOUND`): continuous,
+    smooth, ≈ u inside the bound, and finite on separable or uninformative held-out slices.
     """
-    def nll(log_t: torch.Tensor) -> torch.Tensor:
-        scaled = logits.unsqueeze(0) / log_t.exp().view(-1, 1, 1)
-        return torch.nn.functional.cross_entropy(scaled.flatten(0, 1), labels.repeat(len(log_t)),
-                                                 reduction="none").view(len(log_t), -1).mean(-1)
+    logits, labels = logits.detach().double(), labels.detach().long()
+    valid = torch.isfinite(logits)  # options format: missing options are −inf
+    finite = logits.masked_fill(~valid, 0.0)
+    u = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([u], lr=1.0, max_iter=100, tolerance_grad=1e-10, tolerance_change=1e-12,
+                                  line_search_fn="strong_wolfe")
 
-    coarse = torch.linspace(-3, 3, 121)
-    best = coarse[nll(coarse).argmin()]
-    fine = torch.linspace(float(best) - 0.05, float(best) + 0.05, 101).clamp(-3, 3)
-    return float(fine[nll(fine).argmin()].exp())
+    def log_t():
+        return LOG_TEMPERATURE_BOUND * torch.tanh(u / LOG_TEMPERATURE_BOUND)
+
+    def closure():
+        optimizer.zero_grad()
+        scaled = torch.where(valid, finite / log_t().exp(), float("-inf"))
+        loss = torch.nn.functional.cross_entropy(scaled, labels)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    value = float(log_t().detach())
+    if not math.isfinite(value):
+        raise NumericalError(f"temperature scaling diverged (log T = {value})")
+    return math.exp(value)
 
 
 class Ensemble:
