@@ -19,6 +19,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 ON_NAN = ("stop", "skip")
 ORTHOGONALITY_TOL = {"riemannian_adam": 1e-4, "landing": 0.1}  # landing: 2 x adapters.optim.LANDING_TOLERANCE
 MODES = ("alternating", "joint")
+STIEFEL_LR_FACTOR = 1.0  # default stiefel_lr = STIEFEL_LR_FACTOR x lr (see README, "PoLAR learning rates")
 MAX_SEED = 2 ** 19  # plain runs' seeds are below it; lora-ensemble members use [2**31, 2**32) (run.member_seed)
 MAX_ENSEMBLE_SIZE = 2 ** 11
 MEMBER_SEED_BASE = 2 ** 31
@@ -65,7 +66,7 @@ class FitConfig:
     # optimisation
     steps: int = _help("training minibatch steps", 300)
     batch_size: int = _help("questions per minibatch", 8)
-    lr: float = _help("adapter learning rate (X, Y, Θ)", 1e-3)
+    lr: float = _help("adapter learning rate: LoRA's A, B; PoLAR's Θ and X, Y unless --theta-lr / --stiefel-lr", 1e-3)
     head_lr: float = _help("last-layer (guide or point head) learning rate", 1e-2)
     weight_decay: float = _help("lora-map and lora-laplace: adapter weight decay, an L2 term (wd/2)·‖A‖² on the "
                                 "per-example loss (their heads get the prior); other methods use none", 1e-2)
@@ -100,6 +101,13 @@ class FitConfig:
     orthogonality_tol: float | None = _help(
         "re-orthonormalise a PoLAR factor X or Y (projection onto the Stiefel manifold) when ||X^T X - I||_F "
         "exceeds this; logged in metrics.json (None: 1e-4 with riemannian_adam, 0.1 with landing)", None)
+    # PoLAR's own learning rates (LoRA's A, B use lr)
+    stiefel_lr: float | None = _help(
+        "PoLAR: learning rate of the Stiefel factors X, Y (None: STIEFEL_LR_FACTOR x lr; geoopt's RiemannianAdam "
+        "keeps one second moment per matrix, so its steps are about sqrt(n r) times smaller than Adam's at one lr)",
+        None)
+    theta_lr: float | None = _help("PoLAR: learning rate of Θ (None: lr)", None)
+    landing_lambda: float = _help("--adapter-optimizer landing: λ of the landing field's pull onto the manifold", 1.0)
 
     def __post_init__(self):
         self.validate()
@@ -121,7 +129,7 @@ class FitConfig:
         for name in ("head_warmup_steps", "warmup_steps", "checkpoint_every", "weight_decay", "max_skipped_batches"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"Expected {name} >= 0 but got {getattr(self, name)}")
-        for name in ("lr", "head_lr", "alpha"):
+        for name in ("lr", "head_lr", "alpha", "landing_lambda"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"Expected {name} > 0 but got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
@@ -132,6 +140,9 @@ class FitConfig:
             raise ConfigError(f"Expected ensemble_size <= 2**11 but got {self.ensemble_size}")
         if self.kl_weight is not None and self.kl_weight < 0:
             raise ConfigError(f"Expected kl_weight >= 0 but got {self.kl_weight}")
+        for name in ("stiefel_lr", "theta_lr"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ConfigError(f"Expected {name} > 0 (or None) but got {getattr(self, name)}")
         if self.orthogonality_tol is not None and not self.orthogonality_tol > 0:
             raise ConfigError(f"Expected orthogonality_tol > 0 (or None) but got {self.orthogonality_tol}")
         self.prior_kwargs, self.guide_kwargs  # parse now: bad JSON fails early
@@ -177,6 +188,12 @@ class FitConfig:
         if self.orthogonality_tol is not None:
             return float(self.orthogonality_tol)
         return ORTHOGONALITY_TOL[self.adapter_optimizer]
+
+    @property
+    def adapter_learning_rates(self) -> tuple[float, float]:
+        """(Stiefel factors', Θ's) learning rates of PoLAR: ``stiefel_lr`` / ``theta_lr`` or their defaults."""
+        stiefel = self.stiefel_lr if self.stiefel_lr is not None else STIEFEL_LR_FACTOR * self.lr
+        return float(stiefel), float(self.theta_lr if self.theta_lr is not None else self.lr)
 
     @property
     def target_module_names(self) -> list[str]:

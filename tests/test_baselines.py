@@ -62,7 +62,7 @@ def test_laplace_evidence_matches_a_brute_force_slogdet(rows, classes):
 
 
 def test_guide_gradients_are_clipped_to_a_global_norm_of_the_per_example_loss():
-    """What the guide's Adam receives: ∇(−ELBO/N) rescaled to global norm clip_norm (not N·∇, not clamped per entry)."""
+    """What the guide's Adam gets: ∇(−ELBO/N) rescaled to global norm clip_norm (not N·∇, not clamped per entry)."""
     g = torch.Generator().manual_seed(0)
     n, dim = 320, 5
     features = Features(torch.randn(n, 3, dim, generator=g), torch.ones(n, 3, dtype=torch.bool))

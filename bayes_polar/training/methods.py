@@ -289,7 +289,12 @@ def build_method(config: FitConfig, model: nn.Module, extractor: FeatureExtracto
     """Assemble the method of ``config`` around a backbone that already carries its adapters."""
     schedule = lr_lambda(config.schedule, config.warmup_steps, config.steps)
     weight_decay = config.weight_decay if config.method in ("lora-map", "lora-laplace") else 0.0
-    optimizer = make_adapter_optimizer(model, config.adapter_optimizer, lr=config.lr, weight_decay=weight_decay)
+    if config.method.startswith("polar"):
+        stiefel_lr, theta_lr = config.adapter_learning_rates
+    else:
+        stiefel_lr, theta_lr = config.lr, None  # LoRA: A and B (the Euclidean group) at lr
+    optimizer = make_adapter_optimizer(model, config.adapter_optimizer, lr=stiefel_lr, theta_lr=theta_lr,
+                                       weight_decay=weight_decay, landing_lambda=config.landing_lambda)
     if is_variational(config.method):
         head = VariationalHead(
             extractor.feature_dim, num_rows, prior, config.guide, dataset_size=dataset_size,

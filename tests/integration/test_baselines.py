@@ -1,6 +1,7 @@
 """Baselines and training options on the tiny random Llama: schedules, Laplace, ensembles, MC dropout, options."""
 import json
 import math
+from dataclasses import replace
 
 import pyro
 import pytest
@@ -107,3 +108,15 @@ def test_training_option_runs(tmp_path, data_dir, options):
     metrics = run_fit(tiny_config(data_dir, steps=3, **options), tmp_path / "run", **QUIET)
     assert len(metrics["elbo_trace"]) == 3 and all(math.isfinite(x) for x in metrics["elbo_trace"])
     assert metrics["evaluations"]["arc_easy/validation"]["nll"] > 0
+
+
+@pytest.mark.parametrize("optimizer", ["riemannian_adam", "landing"])
+def test_polar_learning_rates_and_landing_lambda_reach_the_optimiser(data_dir, optimizer):
+    config = tiny_config(data_dir, method="polar-mle", adapter_optimizer=optimizer, lr=1e-3, stiefel_lr=2e-2,
+                         theta_lr=3e-3, landing_lambda=0.5, warmup_steps=0, schedule="constant")
+    groups = {g["name"]: g for g in build_pipeline(config).method.optimizer.param_groups}
+    assert (groups["stiefel"]["lr"], groups["euclidean"]["lr"], groups["head"]["lr"]) == (2e-2, 3e-3, config.head_lr)
+    assert groups["stiefel"].get("landing_lambda") == (0.5 if optimizer == "landing" else None)
+    pyro.clear_param_store()
+    lora = {g["name"]: g for g in build_pipeline(replace(config, method="lora-mle")).method.optimizer.param_groups}
+    assert lora["euclidean"]["lr"] == 1e-3 and "stiefel" not in lora
