@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -79,7 +80,8 @@ def main(argv=None) -> dict:
                "seconds": round(time.time() - t0, 1)}
         print(json.dumps(row), flush=True)
         results.append(row)
-    out = {"benchmark": "polar_lr", "train_questions": args.train, "dev": f"last {args.dev} of arc_easy train",
+    out = {"benchmark": "polar_lr", "command": " ".join(["python benchmarks/polar_lr.py", *(argv or sys.argv[1:])]),
+           "train_questions": args.train, "dev": f"last {args.dev} of arc_easy train",
            "steps": args.steps, "batch_size": 8, "layers": "-2,-1", "threads": 1, "seed": args.seed,
            "torch": torch.__version__, "seconds": round(time.time() - started, 1), "results": results}
     if args.out:
