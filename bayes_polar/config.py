@@ -32,7 +32,10 @@ SCHEDULES = ("cosine", "linear", "constant")
 ON_NAN = ("stop", "skip")
 ORTHOGONALITY_TOL = {"riemannian_adam": 1e-4, "landing": 0.1}  # landing: 2 x adapters.optim.LANDING_TOLERANCE
 MODES = ("alternating", "joint")
-MAX_SEED = 2**32 - 1  # numpy's (and so Pyro's) seeds are 32-bit
+STIEFEL_LR_FACTOR = 1.0  # default stiefel_lr = STIEFEL_LR_FACTOR x lr (see README, "PoLAR learning rates")
+MAX_SEED = 2 ** 19  # plain runs' seeds are below it; lora-ensemble members use [2**31, 2**32) (run.member_seed)
+MAX_ENSEMBLE_SIZE = 2 ** 11
+MEMBER_SEED_BASE = 2 ** 31
 MAX_THREADS = 1024  # torch.set_num_threads crashes the process far above any real core count
 
 
@@ -81,17 +84,19 @@ class FitConfig:
     # optimisation
     steps: int = _help("training minibatch steps", 300)
     batch_size: int = _help("questions per minibatch", 8)
-    lr: float = _help("adapter learning rate (X, Y, Θ)", 1e-3)
+    lr: float = _help("adapter learning rate: LoRA's A, B; PoLAR's Θ and X, Y unless --theta-lr / --stiefel-lr", 1e-3)
     head_lr: float = _help("last-layer (guide or point head) learning rate", 1e-2)
-    weight_decay: float = _help("adapter weight decay (lora-map adds a prior on the head too)", 0.0)
+    weight_decay: float = _help("lora-map and lora-laplace: adapter weight decay, an L2 term (wd/2)·‖A‖² on the "
+                                "per-example loss (their heads get the prior); other methods use none", 1e-2)
     mode: str = _help("alternating (guide step, then adapter step) or joint (one step on both)", "alternating")
     guide_steps: int = _help("guide steps per round (alternating)", 1)
     adapter_steps: int = _help("adapter steps per round (alternating)", 1)
     head_warmup_steps: int = _help("first steps update the head only", 0)
     schedule: str = _help("learning-rate schedule: cosine, linear or constant", "cosine")
     warmup_steps: int | None = _help("linear learning-rate warm-up steps (None: warmup_fraction of the steps)", None)
-    clip_norm: float | None = _help("gradient-norm clipping (None: off)", 1.0)
-    seed: int = _help("random seed", 0)
+    clip_norm: float | None = _help("clip the global norm of the per-example loss's gradient, separately for the "
+                                    "guide and for the adapters (+ point head) (None: off)", 1.0)
+    seed: int = _help("random seed, 0 <= seed < 2**19 (lora-ensemble member m uses 2**31 + seed * 2**11 + m)", 0)
     # prediction
     predictive_samples: int = _help("last-layer samples S of the posterior predictive", 256)
     mc_passes: int = _help("lora-mcdropout, lora-blob, polar-blob: stochastic passes at test time", 10)
@@ -130,6 +135,13 @@ class FitConfig:
                                    "warmup_steps is given)", 0.05)
     logit_noise: bool = _help("variational methods: VBLL's learned Gaussian logit noise (one variance per weight "
                               "row, Wishart prior on its precision; needs --elbo jensen)", False)
+    # PoLAR's own learning rates (LoRA's A, B use lr)
+    stiefel_lr: float | None = _help(
+        "PoLAR: learning rate of the Stiefel factors X, Y (None: STIEFEL_LR_FACTOR x lr; geoopt's RiemannianAdam "
+        "keeps one second moment per matrix, so its steps are about sqrt(n r) times smaller than Adam's at one lr)",
+        None)
+    theta_lr: float | None = _help("PoLAR: learning rate of Θ (None: lr)", None)
+    landing_lambda: float = _help("--adapter-optimizer landing: λ of the landing field's pull onto the manifold", 1.0)
 
     def __post_init__(self):
         self._normalise()
@@ -185,17 +197,22 @@ class FitConfig:
             raise ConfigError(f"Expected warmup_steps >= 0 (or None) but got {self.warmup_steps}")
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigError(f"Expected 0 <= warmup_fraction < 1 but got {self.warmup_fraction}")
-        for name in ("lr", "head_lr", "alpha", "guide_init_scale"):
+        for name in ("lr", "head_lr", "alpha", "guide_init_scale", "landing_lambda"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"Expected {name} > 0 but got {getattr(self, name)}")
-        if not 0 <= self.seed <= MAX_SEED - self.ensemble_size:
-            raise ConfigError(f"Expected 0 <= seed <= {MAX_SEED - self.ensemble_size} but got {self.seed}")
         if self.threads > MAX_THREADS:
             raise ConfigError(f"Expected threads <= {MAX_THREADS} but got {self.threads}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"Expected 0 <= dropout < 1 but got {self.dropout}")
+        if not 0 <= self.seed < MAX_SEED:
+            raise ConfigError(f"Expected 0 <= seed < 2**19 but got {self.seed}")
+        if self.ensemble_size > MAX_ENSEMBLE_SIZE:
+            raise ConfigError(f"Expected ensemble_size <= 2**11 but got {self.ensemble_size}")
         if self.kl_weight is not None and self.kl_weight < 0:
             raise ConfigError(f"Expected kl_weight >= 0 but got {self.kl_weight}")
+        for name in ("stiefel_lr", "theta_lr"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ConfigError(f"Expected {name} > 0 (or None) but got {getattr(self, name)}")
         if self.orthogonality_tol is not None and not self.orthogonality_tol > 0:
             raise ConfigError(f"Expected orthogonality_tol > 0 (or None) but got {self.orthogonality_tol}")
         if self.logit_noise and self.elbo != "jensen":
@@ -288,6 +305,12 @@ class FitConfig:
         if self.warmup_steps is not None:
             return int(self.warmup_steps)
         return int(round(self.warmup_fraction * self.steps))
+
+    @property
+    def adapter_learning_rates(self) -> tuple[float, float]:
+        """(Stiefel factors', Θ's) learning rates of PoLAR: ``stiefel_lr`` / ``theta_lr`` or their defaults."""
+        stiefel = self.stiefel_lr if self.stiefel_lr is not None else STIEFEL_LR_FACTOR * self.lr
+        return float(stiefel), float(self.theta_lr if self.theta_lr is not None else self.lr)
 
     @property
     def target_module_names(self) -> list[str]:

@@ -30,7 +30,7 @@ from .data.device import move_backbone, resolve_device, resolve_dtype
 from .training.checkpoint import (atomic_write_bytes, atomic_write_json, latest_checkpoint, load_checkpoint,
                                   prepare_run_dir)
 from .training.manifest import verify, write_manifest
-from .config import FitConfig, read_json, saved_run
+from .config import MAX_ENSEMBLE_SIZE, MEMBER_SEED_BASE, FitConfig, read_json, saved_run
 from .errors import (ArtifactError, BayesPolarWarning, CheckpointError, ConfigError, DataFormatError,
                      MissingFileError, NumericalError)
 from .evaluation.metrics import classification_metrics, plot_elbo_trace, reliability_diagram
@@ -67,6 +67,7 @@ class Pipeline:
     method: Method | Ensemble
     zero_shot: torch.Tensor  # (K, D) head weights of the zero-shot LM
     heldout: EncodedTask | None = None
+    seed: int = 0  # what seeded initialisation and minibatch order: config.seed, or a member_seed
 
 
 def eval_targets(eval_tasks: str | None, task: str) -> list[tuple[str, str]]:
@@ -90,8 +91,9 @@ def _split_heldout(task: Task) -> tuple[Task, Task]:
 
 
 def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = None, backbone=None,
-                   layout: tuple[RunLayout, torch.Tensor] | None = None, saved: dict | None = None) -> Pipeline:
-    """Backbone + adapters + features + head + steps for ``config`` (seeded).
+                   layout: tuple[RunLayout, torch.Tensor] | None = None, saved: dict | None = None,
+                   seed: int | None = None) -> Pipeline:
+    """Backbone + adapters + features + head + steps for ``config``, seeded by ``seed`` (default ``config.seed``).
 
     ``trunk_store``: a prefix-cache store shared with other pipelines on the same backbone (ensemble members).
     ``backbone``: a frozen ``(model, tokenizer)`` to use instead of loading ``config.model``, on
@@ -101,8 +103,9 @@ def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = 
     ``saved``: the head tensors of a finished run (:func:`load_run`): its feature scaling is used and
     no start is fitted (the head is loaded next); otherwise :func:`fit_head_start` fits both.
     """
+    seed = config.seed if seed is None else seed
     torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(seed)
     if backbone is None:
         dtype = resolve_dtype(config.dtype)
         model, tokenizer = load_backbone(config.model, dtype=dtype, trust_remote_code=config.trust_remote_code)
@@ -122,7 +125,7 @@ def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = 
             heldout = encode_task(heldout_task, tokenizer, config.format, config.max_length)
         train = encode_task(train_task, tokenizer, config.format, config.max_length)
         dataset_size = len(train)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(seed)
     attach_adapters(model, config)
     start = first_adapted_block(model, config.layer_indices)
     trunk = None
@@ -151,7 +154,7 @@ def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = 
         init = zero_shot
     prior = load_prior(config.prior, **config.prior_kwargs)
     prior.attach({"zero_shot_weights": zero_shot})
-    torch.manual_seed(config.seed + 1)
+    torch.manual_seed(seed + 1)
     method = build_method(config, model, extractor, dataset_size=dataset_size, num_rows=init.shape[0],
                           init=init, prior=prior, num_classes=train.num_classes)
     if start is not None:
@@ -161,7 +164,7 @@ def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = 
         dummy = Features(torch.zeros(1, num_classes if config.format == "options" else 1, extractor.feature_dim),
                          torch.ones(1, num_classes, dtype=torch.bool))
         method.head.setup(dummy, torch.zeros(1, dtype=torch.long))
-    return Pipeline(config, model, tokenizer, train, method, zero_shot, heldout)
+    return Pipeline(config, model, tokenizer, train, method, zero_shot, heldout, seed)
 
 
 def file_label(task: str) -> str:
@@ -264,7 +267,7 @@ def train_pipeline(pipe: Pipeline, run_dir: Path, resume: bool, progress: bool, 
         guard.load_state_dict(state.get("faults"))
         log(f"resuming from {checkpoint} at step {step}")
     ddp.replicate(method)  # multi-process: rank 0's parameters everywhere, gradients averaged over ranks
-    loader = epoch_loader(pipe.train, pipe.tokenizer, config.batch_size, config.seed, *ddp.shard())
+    loader = epoch_loader(pipe.train, pipe.tokenizer, config.batch_size, pipe.seed, *ddp.shard())
     bar = tqdm(total=config.steps, initial=step, desc=config.method, disable=not progress)
     key = "elbo" if is_variational(config.method) else "neg_elbo" if is_blob(config.method) else "nll"
 
@@ -295,29 +298,35 @@ def _guarded_state(guard: TrainingGuard, step: int, trace: list[float], config: 
 
 def _posthoc(pipe: Pipeline) -> None:
     config, method = pipe.config, pipe.method
-    if config.method == "polar-vbll-la":
-        _, variance = method.head.model.prior.gaussian_moments(method.extractor.feature_dim, pipe.zero_shot.shape[0])
-        plain = make_loader(pipe.train, pipe.tokenizer, batch_size=config.eval_batch_size)
-        method.fit_laplace(plain, prior_precision=float(1 / variance.mean()))
-    elif config.method == "lora-laplace":
+    if config.method in ("polar-vbll-la", "lora-laplace"):  # both: δ by the Laplace evidence, the prior's mean
         method.fit_laplace(make_loader(pipe.train, pipe.tokenizer, batch_size=config.eval_batch_size))
     elif config.method == "temperature-scaling":
         warm_cache(pipe, pipe.heldout)
         method.fit_temperature(make_loader(pipe.heldout, pipe.tokenizer, batch_size=config.eval_batch_size))
 
 
-def _member_config(config: FitConfig, m: int) -> FitConfig:
-    """Ensemble member ``m``: a ``lora-mle`` run with seed ``seed + m``."""
-    return replace(config, method="lora-mle", seed=config.seed + m)
+def member_seed(seed: int, m: int) -> int:
+    """Seed of ensemble member ``m`` of a run with ``seed``: 2³¹ + seed · 2¹¹ + m.
+
+    One-to-one in (seed, m) for seed < 2¹⁹ and m < 2¹¹ (FitConfig.validate), and at least 2³¹,
+    so no two members of any runs share a seed and no member shares one with a plain run (seeds
+    below 2¹⁹). Below 2³² on purpose: torch's CPU generator keeps only a seed's low 32 bits.
+    """
+    return MEMBER_SEED_BASE + seed * MAX_ENSEMBLE_SIZE + m
+
+
+def _member_config(config: FitConfig, m: int) -> tuple[FitConfig, int]:
+    """Ensemble member ``m``: a ``lora-mle`` run, and its seed :func:`member_seed` (seed, m)."""
+    return replace(config, method="lora-mle"), member_seed(config.seed, m)
 
 
 def _fit_ensemble(config: FitConfig, run_dir: Path, resume: bool, progress: bool, log) -> tuple[Pipeline, dict]:
-    """Train M ``lora-mle`` members (seeds seed, seed+1, ...) under ``members/<m>``; finished ones are kept."""
+    """Train M ``lora-mle`` members (seeds :func:`member_seed`) under ``members/<m>``; finished ones are kept."""
     members, store, info, pipe = [], None, [], None
     for m in range(config.ensemble_size):
-        member_config = _member_config(config, m)
+        member_config, seed = _member_config(config, m)
         member_dir = ddp.on_main(prepare_run_dir, run_dir / "members" / str(m), resume=True)
-        pipe = build_pipeline(member_config, trunk_store=store)
+        pipe = build_pipeline(member_config, trunk_store=store, seed=seed)
         if pipe.method.extractor.trunk is not None:
             store = pipe.method.extractor.trunk.store  # frozen blocks are shared by every member
         if ddp.on_main(_artifacts_ok, member_dir):
@@ -411,10 +420,17 @@ def split_features(pipe: Pipeline, task: str | None = None, split: str | None = 
 
 
 @torch.no_grad()
-def predict(pipe: Pipeline, encoded: EncodedTask, num_samples: int, progress: bool = False) -> dict:
+def predict(pipe: Pipeline, encoded: EncodedTask, num_samples: int, progress: bool = False,
+            seed: int | None = None) -> dict:
     """Predictive, point and zero-shot probabilities (N, C) over an encoded split, its labels (N,),
     and ``scores``: the per-question uncertainty scores of the method
-    (:func:`~bayes_polar.evaluation.uncertainty.uncertainty_scores`, each (N,))."""
+    (:func:`~bayes_polar.evaluation.uncertainty.uncertainty_scores`, each (N,)).
+
+    ``seed``: seeds torch's generator first (last-layer samples, dropout passes), so a reloaded
+    run predicts exactly what it saved (:func:`evaluate_into` uses the run's ``config.seed``).
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
     loader = make_loader(encoded, pipe.tokenizer, batch_size=pipe.config.eval_batch_size)
     out = {"predictive": [], "point": [], "zero_shot": [], "labels": []}
     scores = {}
@@ -473,7 +489,7 @@ def evaluate_into(pipe: Pipeline, run_dir: Path, metrics: dict, targets, data_di
     for task, split in targets:
         encoded = encode_eval(pipe, task, split, data_dir, limit)
         warm_cache(pipe, encoded, progress)
-        predictions = predict(pipe, encoded, pipe.config.predictive_samples, progress)
+        predictions = predict(pipe, encoded, pipe.config.predictive_samples, progress, seed=pipe.config.seed)
         metrics["evaluations"][f"{task}/{split}"] = {**metrics_of(predictions), "truncated": encoded.num_truncated,
                                                      "dropped": encoded.task.dropped}
         save_predictions(run_dir / "predictions.safetensors", f"{task}/{split}", predictions)
@@ -588,8 +604,9 @@ def _load_run(run_dir: Path, config: FitConfig, layout, data_dir) -> Pipeline:
         members, store, pipe = [], None, None
         for m in range(config.ensemble_size):
             member_dir = run_dir / "members" / str(m)
-            pipe = build_pipeline(_member_config(config, m), data_dir, store,
-                                  layout=layout or RunLayout.load(member_dir), saved=_saved_head(member_dir))
+            member_config, seed = _member_config(config, m)
+            pipe = build_pipeline(member_config, data_dir, store, layout=layout or RunLayout.load(member_dir),
+                                  saved=_saved_head(member_dir), seed=seed)
             store = pipe.method.extractor.trunk.store if pipe.method.extractor.trunk is not None else None
             _load_artifacts(pipe, member_dir)
             members.append(pipe.method.state_tensors())
@@ -665,5 +682,5 @@ def _checkpoint_folders(run_dir: Path, config: FitConfig) -> list[tuple[Path, Fi
     """``(folder, config of its checkpoints)``: RUN_DIR, or each ensemble member's folder."""
     if config.method != "lora-ensemble":
         return [(run_dir, config)]
-    return [(run_dir / "members" / str(m), _member_config(config, m)) for m in range(config.ensemble_size)
+    return [(run_dir / "members" / str(m), _member_config(config, m)[0]) for m in range(config.ensemble_size)
             if (run_dir / "members" / str(m)).is_dir()]

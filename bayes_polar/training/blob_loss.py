@@ -35,6 +35,7 @@ class BlobLoss:
         return self.nll(features, labels) + self.kl_factor() * adapter_kl(self.model)
 
 
-def steps_per_epoch(dataset_size: int, batch_size: int, world_size: int = 1, adapter_steps: int = 1) -> int:
-    """Adapter steps per epoch, M of BLoB's re-weighting: ⌈N / (B · processes)⌉ minibatches × adapter steps each."""
-    return math.ceil(dataset_size / (batch_size * world_size)) * adapter_steps
+def steps_per_epoch(dataset_size: int, batch_size: int, world_size: int = 1) -> int:
+    """Training steps per epoch, M of BLoB's re-weighting: ⌈N / (B · processes)⌉ minibatches (the schedule,
+    and so i, advances once per minibatch whatever ``adapter_steps`` is)."""
+    return math.ceil(dataset_size / (batch_size * world_size))

@@ -4,7 +4,7 @@
 method             adapters    head         steps                         predict_proba
 =================  ==========  ===========  ============================  ===========================
 polar-vbll         PoLAR       variational  guide step + adapter step     posterior predictive
-polar-vbll-la      PoLAR       variational  guide step + adapter step     last-layer Laplace at μ
+polar-vbll-la      PoLAR       variational  guide step + adapter step     last-layer Laplace, δ by evidence
 polar-mle          PoLAR       point        adapter step (+ head)         softmax
 lora-vbll          LoRA        variational  guide step + adapter step     posterior predictive
 lora-mle           LoRA        point        adapter step (+ head)         softmax
@@ -22,6 +22,8 @@ BLoB's layers, prior and re-weighting: :mod:`bayes_polar.adapters.blob`; its los
 """
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +32,7 @@ from torch import nn
 from ..adapters import adapter_state_dict, adapters_disabled, inject_lora, inject_polar, make_adapter_optimizer
 from ..adapters.inject import find_blocks, resolve_layers
 from ..config import FitConfig
+from ..errors import ConfigError, NumericalError
 from ..data.features import FeatureExtractor, Features, check_finite_features
 from ..bll.model import head_logits, prior_scale
 from .trainable_heads import PointHead, VariationalHead
@@ -98,17 +101,32 @@ class Method:
             return check_finite_features(self.extractor(batch), batch)
 
     def train_step(self, batch, step: int) -> dict:
-        """Run the method's steps on one minibatch; features are computed once per adapter update."""
+        """Run the method's steps on one minibatch, then advance every learning-rate schedule once.
+
+        Features are computed once per adapter update. A schedule's factor is that of the outer
+        ``step`` whatever ``guide_steps``, ``adapter_steps`` and ``head_warmup_steps`` are, so the
+        guide, adapter and head learning rates stay in step and end where the schedule ends.
+        """
         self.model.train()
         head_only = step < self.head_warmup_steps
         features = self.features(batch, grad=not head_only)
         logs = {}
         for s in self.warmup if head_only else self.steps:
-            for repeat in range(self.adapter_steps if s.updates_adapters else 1):
+            repeats = self.adapter_steps if s.updates_adapters and not head_only else 1
+            for repeat in range(repeats):
                 if repeat:
                     features = self.features(batch, grad=True)
                 logs.update(s(features, batch.labels))
+        self.step_schedules()
         return logs
+
+    def step_schedules(self) -> None:
+        """Advance the adapter (and head) schedule and the guide's by one outer training step."""
+        with warnings.catch_warnings():  # the adapters may sit out a head-only warm-up: their schedule still runs
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
+        if isinstance(self.head, VariationalHead):
+            self.head.step_schedule()
 
     @torch.no_grad()
     def sample_proba(self, batch, num_samples: int, features: Features | None = None) -> torch.Tensor:
@@ -175,16 +193,32 @@ class Method:
             return self.head.posterior().loc.detach()
         return self.head.weight.detach()
 
+    def prior_mean(self) -> torch.Tensor:
+        """(K, D) mean of the head's prior (zeros for a head without one, e.g. MLE)."""
+        loc = self.head_mean()
+        prior = self.head.model.prior if isinstance(self.head, VariationalHead) else self.head.prior
+        if prior is None:
+            return torch.zeros_like(loc)
+        rows, dim = loc.shape
+        if prior.hyper_sites(dim, rows):
+            raise ConfigError(f"{type(prior).__name__} samples hyperparameters: the last-layer Laplace needs a "
+                              "prior with a fixed mean")
+        return prior.distribution(dim, rows).mean.detach().expand(rows, dim).to(loc.dtype)
+
     @torch.no_grad()
     def fit_laplace(self, loader, prior_precision="marglik") -> float:
-        """Post-hoc last-layer Laplace at the head's mean, on the training features."""
+        """Post-hoc last-layer Laplace at the head's mean, on the training features.
+
+        The Gaussian prior N(m, δ⁻¹ I) has the head prior's mean m (:meth:`prior_mean`); δ is
+        given or, by default, maximises the Laplace evidence (:func:`~bayes_polar.bll.laplace.fit_laplace`).
+        """
         self.model.eval()
         phis, masks, labels = [], [], []
         for batch in loader:
             features = self.features(batch)
             phis.append(features.phi), masks.append(features.mask), labels.append(batch.labels)
         self.laplace, precision = fit_laplace(self.head_mean(), torch.cat(phis), torch.cat(labels),
-                                              torch.cat(masks), prior_precision)
+                                              torch.cat(masks), prior_precision, prior_loc=self.prior_mean())
         self.extras["laplace_prior_precision"] = precision
         return precision
 
@@ -230,20 +264,39 @@ class Method:
             self.head.load_optimizer_state(state["head_optimizer"])
 
 
+LOG_TEMPERATURE_BOUND = math.log(1e3)
+"""B of the bound |log T| < B (T in (1e-3, 1e3)): on a separable held-out slice the optimum is T → 0."""
+
+
 def optimal_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """argmin_T NLL(softmax(z / T)) over T in [e⁻³, e³] (Guo et al., 2017), by a log-spaced search.
+    """argmin_T (1/n) Σ_t −log softmax(z_t / T)_{y_t} (Guo et al., 2017), by L-BFGS from T = 1.
 
-    Bounded on purpose: on a small, separable held-out slice the unbounded optimum is T → 0.
+    Optimised over u with log T = B tanh(u / B) (B = :data:`LOG_TEMPERATURE_BOUND`): continuous,
+    smooth, ≈ u inside the bound, and finite on separable or uninformative held-out slices.
     """
-    def nll(log_t: torch.Tensor) -> torch.Tensor:
-        scaled = logits.unsqueeze(0) / log_t.exp().view(-1, 1, 1)
-        return torch.nn.functional.cross_entropy(scaled.flatten(0, 1), labels.repeat(len(log_t)),
-                                                 reduction="none").view(len(log_t), -1).mean(-1)
+    logits, labels = logits.detach().double(), labels.detach().long()
+    valid = torch.isfinite(logits)  # options format: missing options are −inf
+    finite = logits.masked_fill(~valid, 0.0)
+    u = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([u], lr=1.0, max_iter=100, tolerance_grad=1e-10, tolerance_change=1e-12,
+                                  line_search_fn="strong_wolfe")
 
-    coarse = torch.linspace(-3, 3, 121)
-    best = coarse[nll(coarse).argmin()]
-    fine = torch.linspace(float(best) - 0.05, float(best) + 0.05, 101).clamp(-3, 3)
-    return float(fine[nll(fine).argmin()].exp())
+    def log_t():
+        return LOG_TEMPERATURE_BOUND * torch.tanh(u / LOG_TEMPERATURE_BOUND)
+
+    def closure():
+        optimizer.zero_grad()
+        scaled = torch.where(valid, finite / log_t().exp(), float("-inf"))
+        loss = torch.nn.functional.cross_entropy(scaled, labels)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    value = float(log_t().detach())
+    if not math.isfinite(value):
+        raise NumericalError(f"temperature scaling diverged (log T = {value})")
+    return math.exp(value)
 
 
 class Ensemble:
@@ -283,7 +336,12 @@ def build_method(config: FitConfig, model: nn.Module, extractor: FeatureExtracto
     """
     schedule = lr_lambda(config.schedule, config.warmup_step_count, config.steps)
     weight_decay = config.weight_decay if config.method in ("lora-map", "lora-laplace") else 0.0
-    optimizer = make_adapter_optimizer(model, config.adapter_optimizer, lr=config.lr, weight_decay=weight_decay)
+    if config.method.startswith("polar"):
+        stiefel_lr, theta_lr = config.adapter_learning_rates
+    else:
+        stiefel_lr, theta_lr = config.lr, None  # LoRA: A and B (the Euclidean group) at lr
+    optimizer = make_adapter_optimizer(model, config.adapter_optimizer, lr=stiefel_lr, theta_lr=theta_lr,
+                                       weight_decay=weight_decay, landing_lambda=config.landing_lambda)
     if is_variational(config.method):
         head = VariationalHead(
             extractor.feature_dim, num_rows, prior, config.guide, dataset_size=dataset_size,
@@ -300,18 +358,14 @@ def build_method(config: FitConfig, model: nn.Module, extractor: FeatureExtracto
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     loss_fn = head.loss
     adapter_loss = loss_fn
-    if is_blob(config.method):
-        adapter_steps = config.adapter_steps if config.mode == "alternating" else 1
+    if is_blob(config.method):  # the schedule steps once per outer step: M = minibatches per epoch
         adapter_loss = BlobLoss(loss_fn, model, scheduler, dataset_size=dataset_size, kl_weight=config.kl_weight,
                                 reweighting=config.kl_reweighting,
-                                steps_per_epoch=steps_per_epoch(dataset_size, config.batch_size, shard()[0],
-                                                                adapter_steps))
-    adapter_step = AdapterStep(adapter_loss, optimizer, scheduler, config.clip_norm,
+                                steps_per_epoch=steps_per_epoch(dataset_size, config.batch_size, shard()[0]))
+    adapter_step = AdapterStep(adapter_loss, optimizer, config.clip_norm,
                                name="neg_elbo" if is_variational(config.method) or is_blob(config.method) else "nll")
     if not is_variational(config.method):
-        steps = [adapter_step]
-        head_only = torch.optim.Adam([head.weight], lr=config.head_lr)
-        warmup = [AdapterStep(loss_fn, head_only, None, config.clip_norm, name="nll")]
+        steps = warmup = [adapter_step]  # head-only warm-up: detached features, so only the head moves
     elif config.mode == "joint":
         steps, warmup = [JointStep(head, adapter_step)], [GuideStep(head, config.guide_steps)]
     else:

@@ -3,7 +3,9 @@
 PoLAR-VBLL alternates a :class:`GuideStep` (SVI on q with the features detached) and an
 :class:`AdapterStep` (X, Y, Θ on the same ELBO with q fixed). Point-estimate methods use one
 :class:`AdapterStep` that also moves their head. :class:`JointStep` is the non-alternating
-ablation. Learning-rate schedules are :func:`lr_lambda` factors.
+ablation. Learning-rate schedules are :func:`lr_lambda` factors of the *outer* training step:
+the method advances them once per minibatch (``Method.train_step``), however many inner steps
+it takes. ``clip_norm`` has one meaning everywhere (:func:`clip_gradients`).
 """
 from __future__ import annotations
 
@@ -28,6 +30,19 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
             return max(0.0, 1.0 - progress)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return factor
+
+
+def clip_gradients(params, clip_norm: float | None) -> torch.Tensor | None:
+    """Rescale the gradients of ``params`` so that their global norm ‖(g_1, …, g_n)‖₂ ≤ ``clip_norm``.
+
+    The gradients are those of a per-example loss (the guide's are divided by N first). Returns
+    the norm before clipping (None when ``clip_norm`` is None or 0: no clipping).
+    """
+    if not clip_norm:
+        return None
+    norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip_norm)
+    _check_finite("gradient norm", norm)
+    return norm
 
 
 def _check_finite(name: str, value: torch.Tensor) -> None:
@@ -68,8 +83,8 @@ class AdapterStep:
 
     updates_adapters = True
 
-    def __init__(self, loss_fn, optimizer, scheduler=None, clip_norm: float | None = None, name: str = "loss"):
-        self.loss_fn, self.optimizer, self.scheduler = loss_fn, optimizer, scheduler
+    def __init__(self, loss_fn, optimizer, clip_norm: float | None = None, name: str = "loss"):
+        self.loss_fn, self.optimizer = loss_fn, optimizer
         self.clip_norm, self.name = clip_norm, name
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.grad_sync = None  # multi-process: averages gradients over ranks (bayes_polar.training.distributed.replicate)
@@ -84,14 +99,11 @@ class AdapterStep:
         if self.grad_sync is not None:
             self.grad_sync(self.params)
         logs = {self.name: loss.item()}
-        if self.clip_norm:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
-            _check_finite("gradient norm", norm)
+        norm = clip_gradients(self.params, self.clip_norm)
+        if norm is not None:
             logs["grad_norm"] = norm.item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scheduler is not None:
-            self.scheduler.step()
         return logs
 
 
@@ -118,13 +130,10 @@ class JointStep:
         if self.adapter_step.grad_sync is not None:
             self.adapter_step.grad_sync(adapters + guide_params)
         _check_finite_grads("neg_elbo", [*adapters, *guide_params], [p.grad for p in (*adapters, *guide_params)])
-        if self.adapter_step.clip_norm:
-            torch.nn.utils.clip_grad_norm_(adapters, self.adapter_step.clip_norm)
+        clip_gradients(adapters, self.adapter_step.clip_norm)
+        clip_gradients(guide_params, self.head.clip_norm)
         self.head.optim(guide_params)
-        self.head.optim.step()
         zero_grads(guide_params)
         self.adapter_step.optimizer.step()
         self.adapter_step.optimizer.zero_grad(set_to_none=True)
-        if self.adapter_step.scheduler is not None:
-            self.adapter_step.scheduler.step()
         return {"elbo": -loss.item()}

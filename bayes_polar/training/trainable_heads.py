@@ -21,7 +21,6 @@ from pyro.infer import SVI
 from pyro.infer.autoguide.initialization import init_to_value
 from pyro.infer.util import zero_grads
 from pyro.optim.optim import is_scheduler
-from pyro.optim.clipped_adam import ClippedAdam
 from torch import nn
 
 from ..bll.elbo import make_elbo
@@ -32,6 +31,7 @@ from ..bll.model import BayesianLastLayer, Prior, head_logits
 from ..bll.posterior import WEIGHT_SITE, initialize_guide, weight_posterior
 from ..bll.predictive import DEFAULT_NUM_SAMPLES, logit_variance, mean_proba, pyro_sample_proba, sample_proba
 from ..bll.registry import load_guide, make_guide
+from .steps import clip_gradients
 
 
 def zero_shot_weights(format: str, feature_dim: int, answer_rows: torch.Tensor | None = None,
@@ -70,7 +70,9 @@ class VariationalHead:
     estimator: ``jensen``, ``mc`` or ``mc_meanfield``.
     kl_weight: weight of KL in the per-example ELBO; None means 1/N (the true ELBO).
     init_loc: initial posterior mean (K, D), e.g. the zero-shot head; None: the prior mean.
-    lr, lr_lambda, clip_norm: the guide optimiser (Pyro's ClippedAdam with a LambdaLR schedule).
+    lr, lr_lambda, clip_norm: the guide optimiser: Adam on the gradients of the per-example loss
+        (−ELBO / N), clipped to global norm ``clip_norm`` over all guide parameters, with a LambdaLR
+        schedule that :meth:`step_schedule` advances (once per outer training step).
     init_scale: initial posterior standard deviation of each weight, for guides that take one
         (None, or ``init_scale`` in ``guide_kwargs``: the guide's own).
     logit_noise: VBLL's learned logit noise (:class:`~bayes_polar.bll.logit_noise.LogitNoise`, jensen only).
@@ -97,8 +99,8 @@ class VariationalHead:
         self.elbo = make_elbo(estimator, num_particles)
         scaled = estimator == "jensen" or self.kl_scale == 1.0
         self.elbo_guide = self.guide if scaled else poutine.scale(self.guide, scale=self.kl_scale)
-        optim_args = {"lr": lr, "clip_norm": clip_norm if clip_norm else 1e9}
-        self.optim = pyro.optim.LambdaLR({"optimizer": ClippedAdam, "optim_args": optim_args,
+        self.clip_norm = clip_norm
+        self.optim = pyro.optim.LambdaLR({"optimizer": torch.optim.Adam, "optim_args": {"lr": lr},
                                           "lr_lambda": lr_lambda or (lambda step: 1.0)})
         self.grad_sync = None  # multi-process: averages the guide's gradients over ranks
         self.svi = SVI(self.model, self.elbo_guide, self.optim, loss=self.elbo.loss,
@@ -136,8 +138,9 @@ class VariationalHead:
 
     def _loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         """The ELBO's ``loss_and_grads``, then gradient averaging over processes (``grad_sync``,
-        set by :func:`bayes_polar.training.distributed.replicate`) and a finiteness check, all before
-        ``SVI.step`` moves a parameter: a non-finite ELBO or gradient raises NumericalError."""
+        set by :func:`bayes_polar.training.distributed.replicate`), a finiteness check, division by N
+        (gradients of the per-example loss) and global-norm clipping, all before ``SVI.step`` moves a
+        parameter: a non-finite ELBO or gradient raises NumericalError."""
         with poutine.trace(param_only=True) as capture:
             loss = self.elbo.loss_and_grads(model, guide, *args, **kwargs)
         params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
@@ -148,6 +151,10 @@ class VariationalHead:
         except NumericalError:
             zero_grads(params)
             raise
+        for p in params:
+            if p.grad is not None:
+                p.grad.div_(self.dataset_size)
+        clip_gradients(params, self.clip_norm)
         return loss
 
     @_scoped
@@ -155,8 +162,12 @@ class VariationalHead:
         """One ``SVI.step`` on the guide (features detached); returns the per-example ELBO."""
         args, kwargs = self._args(features.detach(), labels)
         loss = self.svi.step(*args, **kwargs)
-        self.optim.step()  # the learning-rate schedule
         return -loss / self.dataset_size
+
+    @_scoped
+    def step_schedule(self) -> None:
+        """Advance the guide's learning-rate schedule by one (outer) training step."""
+        self.optim.step()
 
     @_scoped
     def loss(self, features: Features, labels) -> torch.Tensor:
