@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export BAYES_POLAR_DATA ?= $(abspath ../shared/data)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast
+.PHONY: install demo test test-fast test-full
 
 install: $(VENV)/.installed
 
@@ -26,3 +26,6 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not notebook" $(PYTEST_ARGS)
+
+test-full: install
+	$(BIN)/python -m pytest -m full $(PYTEST_ARGS)

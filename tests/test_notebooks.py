@@ -4,7 +4,7 @@ Small mode (``BAYES_POLAR_NOTEBOOK_SMALL=1``, read in each notebook's first cell
 code on a handful of questions, a few steps and adapters on the top block only: about two
 minutes per notebook on two cores, so CI executes all of them. Notebooks 03 and 04 end with a
 cell asserting their claims; the claims that need real sizes are skipped in small mode and
-checked by the ``slow`` full-mode run.
+checked by the full-mode run (marker ``full``: ``make test-full``, not part of ``make test``).
 """
 import json
 
@@ -64,6 +64,7 @@ def test_notebook_runs_in_small_mode(path, tmp_path, data_dir, monkeypatch):
     _execute(path, tmp_path, data_dir, monkeypatch, small=True)
 
 
+@pytest.mark.full
 @pytest.mark.slow
 @pytest.mark.notebook
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem[:2] in ("03", "04")], ids=lambda p: p.stem)
