@@ -212,3 +212,16 @@ def write_result(name: str, args, settings: dict, measurements: dict, ratios: li
 
 def load_now() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def run_worker(script: str, side: str, args, *extra: str) -> dict:
+    """Run ``script --worker side`` in its own process (RSS is per process); its last ``RESULT {json}`` line."""
+    import subprocess
+
+    command = [sys.executable, script, "--worker", side, "--model", args.model, "--device", args.device,
+               "--dtype", args.dtype, "--threads", str(args.threads), f"--layers={args.layers}", *extra]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        sys.exit(f"error: the {side} worker failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])

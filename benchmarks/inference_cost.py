@@ -28,7 +28,6 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 
 import torch
@@ -119,14 +118,7 @@ def worker(args) -> None:
 
 
 def memory_side(args, side: str) -> dict:
-    command = [sys.executable, __file__, "--worker", side, "--model", args.model, "--device", args.device,
-               "--dtype", args.dtype, "--threads", str(args.threads), f"--layers={args.layers}",
-               "--batches", str(args.batches), "--batch-size", str(args.batch_size)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        sys.exit(f"error: the {side} worker failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return bench.run_worker(__file__, side, args, "--batches", str(args.batches), "--batch-size", str(args.batch_size))
 
 
 def main(argv=None) -> None:

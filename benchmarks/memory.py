@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import resource
 import statistics
-import subprocess
 import sys
 
 import torch
@@ -47,14 +46,7 @@ def worker(args) -> None:
 
 
 def run_side(args, side: str) -> dict:
-    command = [sys.executable, __file__, "--worker", side, "--model", args.model, "--device", args.device,
-               "--dtype", args.dtype, "--threads", str(args.threads), f"--layers={args.layers}",
-               "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        sys.exit(f"error: the {side} worker failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return bench.run_worker(__file__, side, args, "--steps", str(args.steps), "--batch-size", str(args.batch_size))
 
 
 def main(argv=None) -> None:
