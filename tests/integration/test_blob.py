@@ -9,27 +9,16 @@ from bayes_polar.data.formats import make_loader
 from bayes_polar.run import build_pipeline
 from bayes_polar.training.blob_loss import BlobLoss
 from bayes_polar.training.checkpoint import load_checkpoint, save_checkpoint
-from bayes_polar.training.loop import epoch_loader, fit, restore_training_state, training_state, warm_prefix_cache
+from bayes_polar.training.loop import training_state
 
-from .test_fit import tiny_config
+from .test_fit import _train as train_to, tiny_config
 
 pytestmark = pytest.mark.integration
 BLOB = ["lora-blob", "polar-blob"]
 
 
 def _train(config, until, stop=None, state=None):
-    pipe = build_pipeline(config)
-    warm_prefix_cache(pipe.method, pipe.train, pipe.tokenizer, 8)
-    step, trace = 0, []
-    if state is not None:
-        step, trace = restore_training_state(pipe.method, *state)
-    loader = epoch_loader(pipe.train, pipe.tokenizer, config.batch_size, config.seed)
-
-    def callback(done, logs):
-        trace.append(logs["neg_elbo"])
-        return stop is not None and done >= stop
-
-    return pipe, fit(pipe.method, loader, until, step, callback), trace
+    return train_to(config, until, stop, state, key="neg_elbo")
 
 
 @pytest.mark.parametrize("method", BLOB)

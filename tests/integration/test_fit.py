@@ -77,7 +77,8 @@ def test_elbo_rises(data_dir):
     assert sum(trace[-8:]) / 8 > sum(trace[:8]) / 8 + 0.05, trace
 
 
-def _train(config, until, stop=None, state=None):
+def _train(config, until, stop=None, state=None, key="elbo"):
+    """Train ``config`` to step ``until`` (stopping after ``stop``, resuming ``state``): pipe, step, ``key`` trace."""
     pipe = build_pipeline(config)
     warm_prefix_cache(pipe.method, pipe.train, pipe.tokenizer, 8)
     step, trace = 0, []
@@ -86,7 +87,7 @@ def _train(config, until, stop=None, state=None):
     loader = epoch_loader(pipe.train, pipe.tokenizer, config.batch_size, config.seed)
 
     def callback(done, logs):
-        trace.append(logs["elbo"])
+        trace.append(logs[key])
         return stop is not None and done >= stop
 
     step = fit(pipe.method, loader, until, step, callback)
