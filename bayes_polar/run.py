@@ -13,7 +13,6 @@ under ``members/<m>/``.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import time
 import warnings
