@@ -123,8 +123,9 @@ def _trust(args) -> dict:
 def _cmd_table(args) -> int:
     from .evaluation.table import Grid, run_grid
 
-    run_grid(Grid.load(args.config), args.out, progress=not args.quiet and args.jobs == 1, jobs=args.jobs)
-    print((Path(args.out) / "table.md").read_text())
+    run_grid(Grid.load(args.config), args.out, progress=not args.quiet and args.jobs == 1, jobs=args.jobs,
+             select_only=args.select_only)
+    print((Path(args.out) / ("selection.csv" if args.select_only else "table.md")).read_text())
     return 0
 
 
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--jobs", type=int, default=1, help="cells run in this many processes at once (each "
                        "uses the grid's `threads`; caches are filled first, one task per process)")
     table.add_argument("--quiet", action="store_true", help="no progress bars")
+    table.add_argument("--select-only", action="store_true", help="only choose each method's setting (the grid's "
+                       "`search`, on a dev split cut from the training split), then stop")
     table.set_defaults(func=_cmd_table)
 
     check = sub.add_parser("posterior-check", formatter_class=argparse.ArgumentDefaultsHelpFormatter,

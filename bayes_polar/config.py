@@ -25,6 +25,7 @@ from .errors import ConfigError
 from .data.device import DTYPES, check_device
 from .typecheck import check_fields
 from .data.formats import FORMATS
+from .data.tasks import derived_split
 
 METHODS = ("polar-vbll", "polar-vbll-la", "polar-mle", "lora-vbll", "lora-mle", "lora-map", "lora-mcdropout",
            "lora-ensemble", "lora-laplace", "temperature-scaling", "lora-blob", "polar-blob")
@@ -54,6 +55,8 @@ class FitConfig:
     task: str = _help("training task (bayes-polar tasks lists them)", "arc_easy")
     data_dir: str | None = _help("local data mirror (default: $BAYES_POLAR_DATA; none: the hub)", None)
     format: str = _help("answer format: options (per-option scoring) or letters (the paper's)", "options")
+    train_split: str = _help("split trained on: train, or train-fit (train without its last tenth, the "
+                             "split TASK:train-heldout that hyperparameters are chosen on)", "train")
     train_limit: int | None = _help("use only the first N training questions", None)
     eval_tasks: str = _help("comma-separated task[:split] evaluated after training (default: the task's "
                             "validation split)", "")
@@ -186,6 +189,9 @@ class FitConfig:
         _one_of("on_nan", self.on_nan, ON_NAN)
         _one_of("dtype", self.dtype, tuple(DTYPES))
         check_device(self.device)
+        if not self.train_split or derived_split(self.train_split)[1] == "heldout":
+            raise ConfigError(f"train_split {self.train_split!r}: train on train or train-fit; the held-out slice "
+                              "TASK:train-heldout is for choosing hyperparameters (give it in eval_tasks)")
         for name in ("steps", "batch_size", "rank", "num_particles", "guide_steps", "adapter_steps",
                      "predictive_samples", "mc_passes", "ensemble_size", "threads", "eval_batch_size"):
             if getattr(self, name) < 1:

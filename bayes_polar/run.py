@@ -49,12 +49,11 @@ from .training.methods import (Ensemble, Method, attach_adapters, build_method, 
                                is_variational)
 from .data.prefix_cache import CachedTrunk, model_fingerprint
 from .bll.registry import load_prior
-from .data.tasks import LETTERS, Task, default_split, letters_transfer, load_task
+from .data.tasks import LETTERS, Task, default_split, derived_split, letters_transfer, load_task, split_heldout
 from .data.user_tasks import is_task_path, user_task_spec
 from .run_layout import ZERO_SHOT_FILE, RunLayout
 from .training.loop import epoch_loader, fit, restore_training_state, training_state
 
-HELDOUT_FRACTION = 0.1  # temperature scaling fits T on this slice of the training split
 
 
 @dataclass
@@ -81,12 +80,6 @@ def eval_targets(eval_tasks: str | None, task: str) -> list[tuple[str, str]]:
         if name:
             targets.append((name, split or default_split(name)))
     return targets
-
-
-def _split_heldout(task: Task) -> tuple[Task, Task]:
-    cut = len(task) - max(1, int(len(task) * HELDOUT_FRACTION))
-    keep = replace(task, examples=task.examples[:cut])
-    return keep, replace(task, examples=task.examples[cut:], split=f"{task.split}-heldout")
 
 
 def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = None, backbone=None,
@@ -118,9 +111,9 @@ def build_pipeline(config: FitConfig, data_dir=None, trunk_store: dict | None = 
         layout[0].check_backbone(model, tokenizer)
         train, dataset_size = layout[0].empty_train(), layout[0].train_examples
     else:
-        train_task = load_task(config.task, "train", data_dir or config.data_dir, limit=config.train_limit)
+        train_task = load_task(config.task, config.train_split, data_dir or config.data_dir, limit=config.train_limit)
         if config.method == "temperature-scaling":
-            train_task, heldout_task = _split_heldout(train_task)
+            train_task, heldout_task = split_heldout(train_task)
             heldout = encode_task(heldout_task, tokenizer, config.format, config.max_length)
         train = encode_task(train_task, tokenizer, config.format, config.max_length)
         dataset_size = len(train)
@@ -216,6 +209,16 @@ def _cache_file(config: FitConfig, model, trunk, encoded: EncodedTask) -> Path |
     return path
 
 
+def _base_split_cache_files(path: Path, encoded: EncodedTask) -> list[Path]:
+    """The cache files of the split that ``encoded``'s derived split (``train-fit``, ``train-heldout``) is cut
+    from: its questions' states are there already (the cache is keyed by token ids)."""
+    base, part = derived_split(encoded.task.split)
+    if part is None:
+        return []
+    stem = f"{file_label(encoded.task.name)}-{base}-{encoded.format}-{encoded.max_length}-"
+    return sorted(p for p in path.parent.glob(f"{stem}*.safetensors") if p.name[len(stem):-len(".safetensors")].isdigit())
+
+
 def _cache_manifest(path: Path) -> str:
     return path.name.removesuffix(".safetensors") + ".checksums.json"
 
@@ -235,11 +238,12 @@ def _warm_trunk(config: FitConfig, model, trunk, tokenizer, encoded: EncodedTask
     if not hasattr(trunk, "warm"):
         return
     path = _cache_file(config, model, trunk, encoded)
-    if path is not None and path.exists():
+    saved = [] if path is None else [p for p in [path] if p.exists()] + _base_split_cache_files(path, encoded)
+    for found in saved:
         try:
-            trunk.load(verify(path.parent, path.name, _cache_manifest(path)))
+            trunk.load(verify(found.parent, found.name, _cache_manifest(found)))
         except (ArtifactError, NumericalError) as exc:
-            warnings.warn(f"prefix cache {path} is unusable, recomputing it: {exc}", BayesPolarWarning, stacklevel=2)
+            warnings.warn(f"prefix cache {found} is unusable, recomputing it: {exc}", BayesPolarWarning, stacklevel=2)
     added = trunk.warm(make_loader(encoded, tokenizer, batch_size=config.eval_batch_size), progress)
     if path is not None and added and ddp.is_main():
         try:
@@ -398,16 +402,17 @@ def split_features(pipe: Pipeline, task: str | None = None, split: str | None = 
                    limit: int | None = None, progress: bool = False) -> tuple[Features, torch.Tensor, EncodedTask]:
     """Features (eval mode, the run's adapters), labels and the encoded questions of one split.
 
-    ``split="train"`` of the training task gives the training questions (``train_limit`` applies,
-    then ``limit``); other splits are encoded by :func:`encode_eval`. Defaults: the training task
-    and its evaluation split.
+    The training split of the training task (``config.train_split``) gives the training questions
+    (``train_limit`` applies, then ``limit``); other splits are encoded by :func:`encode_eval`.
+    Defaults: the training task and its evaluation split.
     """
     task = task or pipe.config.task
     split = split or default_split(task)
-    if (task, split) == (pipe.config.task, "train") and not len(pipe.train):  # a loaded run: read them again
+    training = (task, split) == (pipe.config.task, pipe.config.train_split)
+    if training and not len(pipe.train):  # a loaded run: read them again
         limit = min(x for x in (limit, pipe.config.train_limit, 10 ** 12) if x is not None)
         encoded = encode_eval(pipe, task, split, data_dir, limit)
-    elif (task, split) == (pipe.config.task, "train"):
+    elif training:
         encoded = pipe.train if limit is None else replace(
             pipe.train, items=pipe.train.items[:limit], task=replace(pipe.train.task, examples=pipe.train.task.examples[:limit]))
     else:

@@ -26,6 +26,8 @@ from bayes_polar.typecheck import check_fields
     ({"eval_tasks": "arc_easy,nope"}, "Unknown task 'nope'"),
     ({"format": "letters", "task": "winogrande_s", "eval_tasks": "arc_easy"}, "letters heads only transfer"),
     ({"format": "letters", "task": "arc_easy", "eval_tasks": "boolq"}, "letters heads only transfer"),
+    ({"train_split": "train-heldout"}, "the held-out slice TASK:train-heldout is for choosing hyperparameters"),
+    ({"train_split": ""}, "train_split '': train on train or train-fit"),
 ])
 def test_invalid_values(kwargs, message):
     with pytest.raises(BayesPolarError, match=message):

@@ -75,6 +75,25 @@ def test_limit(data_dir):
     assert len(load_task("arc_easy", "validation", data_dir, limit=7)) == 7
 
 
+def test_derived_splits_cut_the_last_tenth_of_the_whole_split(data_dir):
+    """train-fit + train-heldout partition train in order (the held-out slice is temperature scaling's and
+    the tuning protocol's dev split); ``limit`` applies after the cut, never to the split it is cut from."""
+    train = load_task("arc_easy", "train", data_dir)
+    fit, heldout = load_task("arc_easy", "train-fit", data_dir), load_task("arc_easy", "train-heldout", data_dir)
+    assert (len(fit), len(heldout)) == (2026, 225) and fit.examples + heldout.examples == train.examples
+    assert (fit.split, heldout.split) == ("train-fit", "train-heldout")
+    assert load_task("arc_easy", "train-heldout", data_dir, limit=3).examples == heldout.examples[:3]
+    assert load_task("mmlu_college_physics", "dev", data_dir).split == "dev"  # a real split, not a derived one
+    assert len(load_task("winogrande_s", "validation-heldout", data_dir)) == 126
+
+
+def test_a_one_question_split_cannot_hold_one_out(tmp_path):
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0}) + "\n")
+    with pytest.raises(DataFormatError, match="too few to hold any out"):
+        load_task(str(path), "train-fit")
+
+
 def test_unknown_task_lists_known_ones(data_dir):
     with pytest.raises(UnknownTaskError, match="arc_easy"):
         load_task("arc_medium", "train", data_dir)

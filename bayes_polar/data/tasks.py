@@ -7,6 +7,11 @@ OpenBookQA test splits, most MMLU subjects) come from the hub. Every row is vali
 row raises :class:`~bayes_polar.errors.DataFormatError` naming the file, the line and the field.
 ``name`` may also be the user's own file or folder, or a task named by ``register_task``
 (:mod:`bayes_polar.data.user_tasks`).
+
+Every split ``S`` also has two derived splits for choosing hyperparameters without touching the
+reported ones: ``S-heldout``, its last ``HELDOUT_FRACTION`` (10 %) of questions (the slice temperature
+scaling fits T on), and ``S-fit``, the rest. ``train-fit`` / ``train-heldout`` are the tuning
+protocol's training and dev splits (see ``benchmarks/results/smollm2_table``).
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import json
 import logging
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +30,8 @@ from .hub import require_hub
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 DATA_ENV = "BAYES_POLAR_DATA"
+HELDOUT_FRACTION = 0.1  # S-heldout: the last 10 % of split S (temperature scaling's slice, the protocol's dev split)
+DERIVED_SPLITS = ("fit", "heldout")
 
 
 @dataclass(frozen=True)
@@ -280,6 +287,22 @@ def default_data_dir() -> Path | None:
     return Path(value) if value else None
 
 
+def split_heldout(task: Task) -> tuple[Task, Task]:
+    """``(task-fit, task-heldout)``: the first 90 % of ``task``'s questions and the last 10 % (at least one)."""
+    cut = len(task) - max(1, int(len(task) * HELDOUT_FRACTION))
+    if cut < 1:
+        raise DataFormatError(f"{task.source}: split {task.split!r} of task {task.name!r} has {len(task)} question(s), "
+                              "too few to hold any out")
+    return (replace(task, examples=task.examples[:cut], split=f"{task.split}-fit"),
+            replace(task, examples=task.examples[cut:], split=f"{task.split}-heldout"))
+
+
+def derived_split(split: str) -> tuple[str, str | None]:
+    """``"train-heldout"`` → ``("train", "heldout")``; a plain split → ``(split, None)``."""
+    base, _, part = split.rpartition("-")
+    return (base, part) if base and part in DERIVED_SPLITS else (split, None)
+
+
 def load_task(name: str, split: str, data_dir: str | os.PathLike | None = None, limit: int | None = None) -> Task:
     """Load one split of a task as validated :class:`Example` s.
 
@@ -292,7 +315,14 @@ def load_task(name: str, split: str, data_dir: str | os.PathLike | None = None, 
     data_dir: folder of the local mirror (see ``shared/data/README.md``); defaults to
         ``$BAYES_POLAR_DATA``; when neither is set the hub id is used.
     limit: keep only the first ``limit`` examples (after validation of those rows).
+
+    ``S-fit`` / ``S-heldout`` (see the module docstring) are cut from the whole of split ``S``, and
+    ``limit`` then applies to the derived split.
     """
+    base, part = derived_split(split)
+    if part is not None:
+        derived = split_heldout(load_task(name, base, data_dir))[DERIVED_SPLITS.index(part)]
+        return derived if limit is None else replace(derived, examples=derived.examples[:limit])
     from .user_tasks import load_user_task, user_task_spec
 
     user = user_task_spec(name)

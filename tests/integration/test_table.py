@@ -70,4 +70,80 @@ def test_grid_in_two_processes_matches_one(tmp_path, data_dir):
     for a, b in zip(sorted(parallel, key=key), sorted(sequential, key=key)):
         assert a["acc"] == b["acc"] and a["nll"] == pytest.approx(b["nll"], rel=1e-5)
     names = {p.name for p in (tmp_path / "cache").rglob("*.safetensors")}
-    assert any("train-heldout" in n for n in names), "temperature scaling's held-out slice was cached too"
+    assert names == {"arc_easy-train-options-48-8.safetensors", "arc_easy-validation-options-48-4.safetensors"}, \
+        "temperature scaling's slices (train-fit, train-heldout) read their states from train's file"
+
+
+TINY_BASE = {"model": "tiny-random-llama", "train_limit": 10, "eval_limit": 6, "steps": 2, "batch_size": 4,
+             "layers": "-1", "rank": 2, "threads": 1, "checkpoint_every": 0, "max_length": 48,
+             "predictive_samples": 8}
+
+
+def test_settings_are_chosen_on_a_dev_split_cut_from_train_then_fixed_for_every_task(tmp_path, data_dir):
+    """The protocol: each method's candidates fit on train-fit of the selection task and are scored on
+    train-heldout (never on a reported split); the lowest dev NLL is used in every task's cells."""
+    grid = Grid(base={**TINY_BASE, "data_dir": str(data_dir), "cache_dir": str(tmp_path / "cache")},
+                methods=["lora-mle", "lora-ensemble", "temperature-scaling"], tasks=["arc_easy", "openbookqa"],
+                search={"lora-mle": [{"lr": 1e-4}, {"lr": 0.3, "head_lr": 0.5}], "lora-ensemble": "lora-mle",
+                        "temperature-scaling": [{"head_lr": 0.05}]},
+                task_overrides={"openbookqa": {"train_limit": 8}}, select_on="arc_easy")
+    grid.base["ensemble_size"] = 2
+    grid.check()
+    out = tmp_path / "out"
+    rows = run_grid(grid, out, progress=False, log=lambda *_: None)
+
+    candidates = [json.loads((out / "select" / "lora-mle" / f"setting{i}" / "config.json").read_text())
+                  for i in (0, 1)]
+    assert {(c["train_split"], c["eval_tasks"], c["seed"]) for c in candidates} == {("train-fit", "arc_easy:train-heldout", 0)}
+    assert not (out / "select" / "temperature-scaling").exists(), "one setting: nothing to choose"
+    with open(out / "selection.csv") as f:
+        scored = list(csv.DictReader(f))
+    assert [r["setting"] for r in scored] == ["0", "1"]
+    best = min(scored, key=lambda r: float(r["dev_nll"]))
+    assert [r["chosen"] for r in scored] == [str(r is best) for r in scored]
+    chosen = grid.search["lora-mle"][int(best["setting"])]
+    assert json.loads((out / "selected.json").read_text()) == {"lora-mle": chosen}
+    for method in ("lora-mle", "lora-ensemble"):  # the ensemble takes its members' method's choice
+        for task in ("arc_easy", "openbookqa"):
+            config = json.loads((out / "cells" / task / method / "seed0" / "config.json").read_text())
+            assert config["lr"] == chosen["lr"] and config["train_split"] == "train"
+    obqa = json.loads((out / "cells" / "openbookqa" / "temperature-scaling" / "seed0" / "config.json").read_text())
+    assert (obqa["train_limit"], obqa["head_lr"]) == (8, 0.05)
+    assert {r["split"] for r in rows} == {"validation"}
+    assert "chosen by dev NLL on arc_easy:train-heldout" in (out / "table.md").read_text()
+
+    grid.search["lora-mle"] = [{"lr": 1e-4}, {"lr": 2e-4}]  # another grid over the same folder
+    (out / "selected.json").unlink()
+    with pytest.raises(ConfigError, match="was run with other settings"):
+        run_grid(grid, out, progress=False, log=lambda *_: None)
+
+
+def test_train_fit_reads_the_cached_states_of_train(tmp_path, data_dir):
+    """train-fit is a slice of train: with train's prefix cache on disk, no state is computed again."""
+    from bayes_polar.config import FitConfig
+    from bayes_polar.run import build_pipeline, warm_cache
+
+    base = {**TINY_BASE, "train_limit": None, "task": "winogrande_xs", "data_dir": str(data_dir),
+            "cache_dir": str(tmp_path / "cache"), "method": "polar-mle"}
+    warm_cache(build_pipeline(FitConfig(**base)), build_pipeline(FitConfig(**base)).train)
+    saved = sorted(p.name for p in (tmp_path / "cache").rglob("*.safetensors"))
+    assert saved == ["winogrande_xs-train-options-48-160.safetensors"]
+    pipe = build_pipeline(FitConfig(**base, train_split="train-fit"))
+    trunk = pipe.method.extractor.trunk
+    assert len(pipe.train) == 144 and len(trunk.store) >= 2 * 144, "every option's states came from train's file"
+    assert sorted(p.name for p in (tmp_path / "cache").rglob("*.safetensors")) == saved, "nothing new to write"
+
+
+@pytest.mark.parametrize("search,match", [
+    ({"lora-mle": [{"lr": 1e-3}] * 5}, "1 to 4 settings"),
+    ({"lora-mle": [{"seed": 3}, {"lr": 1e-3}]}, r"sets \['seed'\], which the grid sets per cell"),
+    ({"lora-mle": [{"lr": -1.0}, {"lr": 1e-3}]}, "Expected lr > 0"),
+    ({"polar-mle": [{"lr": 1e-3}, {"lr": 1e-2}]}, "not one of the grid's methods"),
+    ({"lora-mle": "lora-map"}, "which has no list of candidate settings"),
+])
+def test_bad_searches_fail_before_any_cell(tmp_path, search, match):
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps({"base": {}, "methods": ["lora-mle", "lora-map"], "tasks": ["arc_easy"],
+                                "search": search}))
+    with pytest.raises(ConfigError, match=match):
+        Grid.load(path)
