@@ -81,7 +81,8 @@ class FitConfig:
     # adapters
     rank: int = _help("adapter rank r", 8)
     alpha: float = _help("adapter scaling numerator (scale = alpha / r)", 16.0)
-    target_modules: str = _help("comma-separated module names that get adapters", "q_proj,v_proj")
+    target_modules: str = _help("comma-separated module names that get adapters, or auto: the model family's "
+                                "default (q_proj,v_proj; qkv_proj for Phi-3, query_key_value for GPT-NeoX)", "auto")
     layers: str = _help("comma-separated block indices with adapters (negative from the end), or 'all'", "-4,-3,-2,-1")
     adapter_optimizer: str = _help("riemannian_adam (geoopt) or landing", "riemannian_adam")
     # optimisation
@@ -227,7 +228,7 @@ class FitConfig:
             raise ConfigError(f"logit_noise is part of the variational head; method {self.method!r} has none")
         self.prior_kwargs, self.guide_kwargs  # parse now: bad JSON fails early
         self._check_objects()
-        self.layer_indices
+        self.layer_indices, self.target_module_names
         self._check_tasks()
 
     def _check_objects(self) -> None:
@@ -319,8 +320,15 @@ class FitConfig:
         return float(stiefel), float(self.theta_lr if self.theta_lr is not None else self.lr)
 
     @property
-    def target_module_names(self) -> list[str]:
-        return [x.strip() for x in self.target_modules.split(",") if x.strip()]
+    def target_module_names(self) -> list[str] | None:
+        """The names of ``target_modules``; None for ``auto`` (the injector takes the family's default)."""
+        names = [x.strip() for x in self.target_modules.split(",") if x.strip()]
+        if names == ["auto"]:
+            return None
+        if not names or "auto" in names:
+            raise ConfigError(f"target_modules must be 'auto' or comma-separated module names, got "
+                              f"{self.target_modules!r}")
+        return names
 
     def to_dict(self) -> dict:
         """JSON-ready values; Python objects (prior, guide) as ``"python:<repr>"``."""

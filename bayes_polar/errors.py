@@ -49,6 +49,10 @@ class ConfigError(BayesPolarError, ValueError):
     """An invalid configuration value or an unknown configuration key."""
 
 
+class UnsupportedArchitectureError(ConfigError):
+    """A model of a family bayes-polar has no defaults for, or whose blocks it cannot find (lists the supported ones)."""
+
+
 class UnsupportedModuleError(BayesPolarError, TypeError):
     """A matched module that an adapter cannot wrap (names the module and its type)."""
 

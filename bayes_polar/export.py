@@ -78,7 +78,8 @@ def export_run(run_dir, out, overwrite: bool = False, log=print) -> dict:
     record = {"run_dir": str(run_dir.resolve()), "method": config.method, "backbone": config.model,
               "format": config.format, "parts": units}
     atomic_write_json(tmp / "export.json", record)
-    (tmp / "README.md").write_text(model_card(run_dir, config, units))
+    targets = sorted({name.rsplit(".", 1)[-1] for name, _ in adapter_layers(pipe.model)})
+    (tmp / "README.md").write_text(model_card(run_dir, config, units, targets))
     if out.exists():
         out.rmdir()
     tmp.replace(out)
@@ -208,7 +209,8 @@ def _normalisation(format: str, scaling) -> str:
     return centring + scale
 
 
-def model_card(run_dir: Path, config, units: list[dict]) -> str:
+def model_card(run_dir: Path, config, units: list[dict], targets: list[str] | None = None) -> str:
+    """The export's README.md; ``targets``: the adapted modules' short names (``--target-modules auto`` resolved)."""
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     rows = [f"| {name} | {r['acc']:.3f} | {r['ece']:.2f} | {r['nll']:.3f} |"
@@ -220,7 +222,7 @@ def model_card(run_dir: Path, config, units: list[dict]) -> str:
         f"# {config.method} on {config.task}",
         "",
         f"Fine-tuned with bayes-polar from the backbone `{config.model}` (format `{config.format}`, adapters "
-        f"rank {config.rank} on `{config.target_modules}` in blocks `{config.layers}`, {config.steps} steps, "
+        f"rank {config.rank} on `{','.join(targets) if targets else config.target_modules}` in blocks `{config.layers}`, {config.steps} steps, "
         f"seed {config.seed}).",
         "",
         "## Results (from the run's metrics.json)",

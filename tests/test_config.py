@@ -19,6 +19,8 @@ from bayes_polar.typecheck import check_fields
     ({"dropout": 1.0}, "Expected 0 <= dropout < 1"),
     ({"prior_args": "{variance: 2}"}, "prior_args must be a JSON object"),
     ({"layers": "top4"}, "layers must be 'all' or comma-separated integers"),
+    ({"target_modules": "auto,q_proj"}, "target_modules must be 'auto' or comma-separated module names"),
+    ({"target_modules": " , "}, "target_modules must be 'auto' or comma-separated module names"),
     ({"elbo": "exact"}, "elbo must be one of"),
     ({"on_nan": "ignore"}, r"on_nan must be one of \('stop', 'skip'\), got 'ignore'"),
     ({"max_skipped_batches": -1}, "Expected max_skipped_batches >= 0 but got -1"),
@@ -49,6 +51,7 @@ def test_python_values_lists_dicts_and_objects(tmp_path):
     prior = IsotropicPrior(variance=0.5)
     config = FitConfig(layers=[-2, -1], target_modules=["q_proj", "k_proj"], guide_args={"rank": 2}, prior=prior)
     assert config.layer_indices == [-2, -1] and config.target_module_names == ["q_proj", "k_proj"]
+    assert FitConfig().target_modules == "auto" and FitConfig().target_module_names is None  # the family's default
     assert config.guide_kwargs == {"rank": 2} and config.prior is prior
     assert FitConfig(prior_args={"variance": 0.5}).prior_kwargs == {"variance": 0.5}
     config.save(tmp_path / "config.json")
@@ -155,3 +158,12 @@ def test_resume_with_a_python_prior_compares_the_recorded_configuration(tmp_path
     check_resume(FitConfig(prior=IsotropicPrior(variance=0.5)), saved, [], False, path)
     with pytest.raises(ConfigError, match=r"--resume with a different configuration than .*prior"):
         check_resume(FitConfig(prior=IsotropicPrior(variance=2.0)), saved, [], False, path)
+
+
+def test_resume_of_a_run_from_before_auto_targets_is_the_same_run(tmp_path):
+    from bayes_polar.training.resume import check_resume
+
+    saved = dict(FitConfig().to_dict(), target_modules="q_proj,v_proj")  # the former default
+    check_resume(FitConfig(), saved, [], False, tmp_path / "config.json")
+    with pytest.raises(ConfigError, match=r"target_modules: 'q_proj,k_proj' -> 'auto'"):
+        check_resume(FitConfig(), dict(saved, target_modules="q_proj,k_proj"), [], False, tmp_path / "config.json")

@@ -5,6 +5,7 @@ Usage::
     inject_polar(model, rank=8, layers=[-4, -3, -2, -1])
     optimizer = make_adapter_optimizer(model, "riemannian_adam", lr=1e-3)
 """
+from .architectures import SUPPORTED_MODEL_TYPES, default_target_modules
 from .config import PolarConfig
 from .diagnostics import (
     adapter_diagnostics,
@@ -35,11 +36,13 @@ __all__ = [
     "PolarConfig",
     "PolarLinear",
     "RiemannianAdam",
+    "SUPPORTED_MODEL_TYPES",
     "adapter_diagnostics",
     "adapter_layers",
     "adapters_disabled",
     "adapter_state_dict",
     "assert_orthogonal",
+    "default_target_modules",
     "find_blocks",
     "find_target_modules",
     "inject_lora",

@@ -68,9 +68,11 @@ class PolarConfig:
 
     r: int = field(default=8, metadata={"help": "Rank r of X (out x r), Theta (r x r) and Y (in x r)."})
     alpha: float = field(default=16.0, metadata={"help": "Scale numerator: the update is multiplied by alpha / r."})
-    target_modules: str | tuple[str, ...] = field(
-        default=("q_proj", "v_proj"),
-        metadata={"help": "A regex (str, full match of the module name) or names matched exactly or as a '.name' suffix."},
+    target_modules: str | tuple[str, ...] | None = field(
+        default=None,
+        metadata={"help": "A regex (str, full match of the module name) or names matched exactly or as a '.name' "
+                          "suffix; None: the model family's default (q_proj, v_proj for Llama; see "
+                          "bayes_polar.adapters.architectures), resolved by inject_polar."},
     )
     layers: tuple[int, ...] | None = field(
         default=None,
@@ -83,7 +85,7 @@ class PolarConfig:
     def __post_init__(self):
         self.r = check_rank(self.r)
         self.alpha = check_alpha(self.alpha)
-        self.target_modules = check_names(self.target_modules, "target_modules")
+        self.target_modules = check_names(self.target_modules, "target_modules", allow_none=True)
         self.exclude_modules = check_names(self.exclude_modules, "exclude_modules", allow_none=True)
         self.layers = check_layers(self.layers)
 

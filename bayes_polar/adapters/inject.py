@@ -5,22 +5,25 @@ must match the whole module name; a list matches a name exactly or as a ``.name`
 ``exclude_modules`` is checked first. Block selection is by index into the decoder's block list
 (found through ``model.get_decoder()``), so it works for any model whose decoder keeps its blocks
 in one ``nn.ModuleList``. Unlike peft's ``layers_to_transform``, ``layers`` also restricts regex
-targets.
+targets. ``target_modules=None`` takes the family's default (:mod:`~bayes_polar.adapters.architectures`:
+``q_proj``, ``v_proj`` for Llama, ``qkv_proj`` for Phi-3, ``query_key_value`` for GPT-NeoX, ...).
 """
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Iterable
 
 from torch import nn
 
-from ..errors import ConfigError, NoTargetModulesError, UnsupportedModuleError
+from ..errors import ConfigError, NoTargetModulesError, UnsupportedArchitectureError, UnsupportedModuleError
+from .architectures import resolve_target_modules, supported_families
 from .config import PolarConfig
 from .blob import BayesPolarLinear
 from .layer import PolarLinear
 from .modules import is_adapter_layer, polar_layers, unwrap
 
-BLOCK_LIST_NAMES = ("layers", "h", "blocks", "layer")  # Llama/Mistral/Qwen, GPT-2, others
+BLOCK_LIST_NAMES = ("layers", "h", "blocks", "layer")  # Llama/Mistral/Qwen/Gemma/Phi-3/GPT-NeoX, GPT-2, others
 
 
 def _matches(name: str, patterns) -> bool:
@@ -40,7 +43,13 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """``(qualified name, blocks)`` of the transformer blocks of a causal LM.
 
     The decoder is ``model.get_decoder()`` (transformers' generic accessor); the blocks are its
-    ``nn.ModuleList`` child (``layers``, ``h``, ... when it has several).
+    ``nn.ModuleList`` child (``layers``, ``h``, ... when it has several): ``model.layers`` for Llama,
+    Mistral, Qwen2, Gemma 2/3 and Phi-3, ``gpt_neox.layers`` for GPT-NeoX.
+
+    Raises
+    ------
+    UnsupportedArchitectureError
+        No such child; the message lists the supported families.
     """
     model = unwrap(model)
     getter = getattr(model, "get_decoder", None)
@@ -49,9 +58,11 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     preferred = [n for n in BLOCK_LIST_NAMES if n in lists]
     if len(lists) != 1 and not preferred:
         found = sorted(lists) or "none"
-        raise ConfigError(
-            f"Cannot tell the transformer blocks of {type(decoder).__name__}: nn.ModuleList children {found}; "
-            "pass layers=None and select blocks with a target_modules regex instead"
+        raise UnsupportedArchitectureError(
+            f"Cannot tell the transformer blocks of {type(decoder).__name__} (model type "
+            f"{getattr(getattr(model, 'config', None), 'model_type', None)!r}): nn.ModuleList children {found}. "
+            f"Supported families: {supported_families()}. For another model, pass layers=None and select blocks "
+            "with a target_modules regex (no prefix cache)"
         )
     blocks = lists[preferred[0]] if preferred else next(iter(lists.values()))
     names = {id(m): n for n, m in model.named_modules()}
@@ -80,17 +91,23 @@ def block_prefixes(model: nn.Module, layers) -> tuple[str, ...] | None:
     return tuple(f"{head}{i}." for i in resolve_layers(layers, len(blocks)))
 
 
-def find_target_modules(model: nn.Module, target_modules, layers=None, exclude_modules=None) -> list[str]:
+def find_target_modules(model: nn.Module, target_modules=None, layers=None, exclude_modules=None) -> list[str]:
     """Names of the ``nn.Linear`` layers to adapt (relative to :func:`unwrap` (model)).
+
+    ``target_modules=None`` (or ``"auto"``) is the family's default
+    (:func:`~bayes_polar.adapters.architectures.default_target_modules`).
 
     Raises
     ------
+    UnsupportedArchitectureError
+        Default targets asked of a model type with none (the message lists the supported families).
     NoTargetModulesError
         Nothing matched; the message echoes ``target_modules`` and lists the linear layer names.
     UnsupportedModuleError
         A match that is not an ``nn.Linear`` or already carries an adapter.
     """
     model = unwrap(model)
+    target_modules = resolve_target_modules(model, target_modules)
     prefixes = block_prefixes(model, layers)
     names, inside = [], ()
     for name, module in model.named_modules():
@@ -122,7 +139,7 @@ def _no_match_message(model, target_modules, layers, exclude_modules) -> str:
     )
 
 
-def inject_polar(model: nn.Module, target_modules=("q_proj", "v_proj"), rank: int = 8, alpha: float = 16.0,
+def inject_polar(model: nn.Module, target_modules=None, rank: int = 8, alpha: float = 16.0,
                  layers=None, exclude_modules=None, *, config: PolarConfig | None = None,
                  bayesian: bool = False) -> nn.Module:
     r"""Wrap the target linear layers of ``model`` in :class:`PolarLinear`, in place; freeze the rest.
@@ -134,7 +151,8 @@ def inject_polar(model: nn.Module, target_modules=("q_proj", "v_proj"), rank: in
     Parameters
     ----------
     model : a transformers causal LM, or a peft ``PeftModel`` around one.
-    target_modules : regex (str, full match) or names (exact or ``.name`` suffix).
+    target_modules : regex (str, full match) or names (exact or ``.name`` suffix); None: the family's
+        default (``q_proj``, ``v_proj``; ``qkv_proj`` for Phi-3, ``query_key_value`` for GPT-NeoX).
     rank, alpha : :math:`r` and :math:`\alpha`; ``0 < r <= min(in, out)`` per layer.
     layers : block indices (negative counts from the end), None for all blocks.
     exclude_modules : like ``target_modules``, checked first.
@@ -143,8 +161,8 @@ def inject_polar(model: nn.Module, target_modules=("q_proj", "v_proj"), rank: in
 
     Returns
     -------
-    The same ``model``; its (unwrapped) transformers model gains ``polar_config`` and
-    ``polar_targets`` (the adapted module names, in model order).
+    The same ``model``; its (unwrapped) transformers model gains ``polar_config`` (with the resolved
+    ``target_modules``) and ``polar_targets`` (the adapted module names, in model order).
 
     Usage::
 
@@ -155,6 +173,7 @@ def inject_polar(model: nn.Module, target_modules=("q_proj", "v_proj"), rank: in
     base = unwrap(model)
     if getattr(base, "polar_config", None) is not None:
         raise ConfigError(f"model already carries PoLAR adapters on {base.polar_targets}; inject once with all targets")
+    config = replace(config, target_modules=resolve_target_modules(base, config.target_modules))
     names = find_target_modules(base, config.target_modules, config.layers, config.exclude_modules)
     layer_cls = BayesPolarLinear if bayesian else PolarLinear
     for name in names:
@@ -170,7 +189,7 @@ def _config_from(config, target_modules, rank, alpha, layers, exclude_modules) -
     settings = dict(target_modules=target_modules, r=rank, alpha=alpha, layers=layers, exclude_modules=exclude_modules)
     if config is None:
         return PolarConfig(**settings)
-    defaults = dict(target_modules=("q_proj", "v_proj"), r=8, alpha=16.0, layers=None, exclude_modules=None)
+    defaults = dict(target_modules=None, r=8, alpha=16.0, layers=None, exclude_modules=None)
     changed = sorted(k for k, v in settings.items() if v != defaults[k])
     if changed:
         raise ConfigError(f"Pass either config or settings, not both; got config and {changed}")

@@ -3,9 +3,9 @@ r"""LoRA baseline from peft, on exactly the modules that :func:`inject_polar` wo
 .. math:: h = W_0 x + (\alpha / r)\, B A x,\qquad B \in \mathbb{R}^{out \times r} (0 at init),\;
           A \in \mathbb{R}^{r \times in}
 
-peft's ``inject_adapter_in_model`` works in place, so the model stays a ``LlamaForCausalLM``
-(``get_decoder``, ``generate`` and our feature extractors keep working) instead of becoming a
-``PeftModel``.
+peft's ``inject_adapter_in_model`` works in place, so the model keeps its class (``LlamaForCausalLM``,
+``GPTNeoXForCausalLM``, ...; ``get_decoder``, ``generate`` and our feature extractors keep working)
+instead of becoming a ``PeftModel``.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from .modules import lora_layers, unwrap
 LORA_SETTINGS = ("r", "lora_alpha", "lora_dropout", "target_modules", "layers_to_transform", "layers_pattern")
 
 
-def inject_lora(model: nn.Module, target_modules=("q_proj", "v_proj"), rank: int = 8, alpha: float = 16.0,
+def inject_lora(model: nn.Module, target_modules=None, rank: int = 8, alpha: float = 16.0,
                 layers=None, dropout: float = 0.0, exclude_modules=None, bayesian: bool = False) -> nn.Module:
     """Add peft LoRA adapters, in place, to the modules :func:`inject_polar` would adapt; freeze the rest.
 
@@ -27,7 +27,8 @@ def inject_lora(model: nn.Module, target_modules=("q_proj", "v_proj"), rank: int
     ``layers``, ``exclude_modules`` semantics) and handed to peft as exact module names, so both
     adapters wrap the same layers; peft's own ``layers_to_transform`` check is skipped for regex
     targets, which is why it is recorded in the ``LoraConfig`` (with ``layers_pattern``) but not
-    relied on. The model gains ``lora_targets`` (names) and peft's ``peft_config``. ``bayesian``: each
+    relied on. ``target_modules=None`` takes the family's default
+    (:func:`~bayes_polar.adapters.architectures.default_target_modules`). The model gains ``lora_targets`` (names) and peft's ``peft_config``. ``bayesian``: each
     layer is a :func:`~bayes_polar.adapters.blob.lora_linear_class` (BLoB: a Gaussian posterior on A), through
     peft's custom-module dispatch.
 
@@ -39,7 +40,8 @@ def inject_lora(model: nn.Module, target_modules=("q_proj", "v_proj"), rank: int
     rank, alpha = check_rank(rank), check_alpha(alpha)
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"Expected 0 <= dropout < 1 but got {dropout!r}")
-    target_modules, layers = check_names(target_modules, "target_modules"), check_layers(layers)
+    target_modules = check_names(target_modules, "target_modules", allow_none=True)
+    layers = check_layers(layers)
     exclude_modules = check_names(exclude_modules, "exclude_modules", allow_none=True)
     base = unwrap(model)
     names = find_target_modules(base, target_modules, layers, exclude_modules)

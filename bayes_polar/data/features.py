@@ -130,11 +130,22 @@ def option_loglik(model, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
     lengths = batch.continuation_lengths.to(hidden.device).clamp(max=width - 1)  # (S,)
     scored = torch.arange(width, device=hidden.device) >= width - lengths.unsqueeze(1)  # (S, L): the last n tokens
     rows, cols = scored.nonzero(as_tuple=True)  # (T,) each; the state at cols - 1 predicts token cols
-    logits = model.get_output_embeddings()(hidden[rows, cols - 1]).float()  # (T, V)
+    logits = lm_logits(model, hidden[rows, cols - 1])  # (T, V)
     token_logp = -F.cross_entropy(logits, input_ids[rows, cols], reduction="none")  # (T,)
     total = token_logp.new_zeros(num_sequences).index_add(0, rows, token_logp)
     mean = total / lengths.clamp(min=1)
     return torch.stack([total, mean], dim=-1)
+
+
+def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    r"""The LM's next-token logits (float32) from final hidden states, as its own forward computes them.
+
+    The LM head, then Gemma 2/3's final soft-capping where the config sets one,
+    :math:`z \leftarrow c \tanh(z / c)` with ``c = config.final_logit_softcapping``.
+    """
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def answer_head_rows(model, answer_ids: list[int]) -> torch.Tensor:

@@ -16,6 +16,9 @@ from ..errors import BayesPolarWarning, ConfigError
 from .checkpoint import RUN_MARKER, latest_checkpoint, load_checkpoint
 
 FREE = ("threads", "on_nan", "max_skipped_batches")  # change nothing an uninterrupted run computes
+# target_modules: the default was "q_proj,v_proj" before "auto"; the two adapt the same modules of every model
+# a run can exist on (the families with q_proj default to it; Phi-3 and GPT-NeoX have no q_proj)
+SAME_TARGETS = {"auto", "q_proj,v_proj"}
 
 
 def has_run(run_dir) -> bool:
@@ -75,7 +78,8 @@ def steps_notice(config, saved: dict | None) -> str | None:
 
 def _same_run(config, stored: dict, source) -> None:
     current = config.to_dict()
-    changed = sorted(k for k, v in current.items() if k not in FREE and k != "steps" and stored.get(k, v) != v)
+    changed = sorted(k for k, v in current.items() if k not in FREE and k != "steps" and stored.get(k, v) != v
+                     and not (k == "target_modules" and {v, stored[k]} <= SAME_TARGETS))
     if changed:
         details = ", ".join(f"{k}: {stored.get(k)!r} -> {current[k]!r}" for k in changed[:6])
         raise ConfigError(f"--resume with a different configuration than {source} ({details}); resume with the "

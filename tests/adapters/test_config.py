@@ -7,7 +7,7 @@ from bayes_polar.errors import ConfigError
 
 def test_defaults_and_scaling():
     config = PolarConfig()
-    assert (config.r, config.alpha, config.target_modules, config.layers) == (8, 16.0, ("q_proj", "v_proj"), None)
+    assert (config.r, config.alpha, config.target_modules, config.layers) == (8, 16.0, None, None)  # None: family default
     assert config.scaling == 2.0
 
 

@@ -25,7 +25,7 @@ def test_default_targets_are_q_and_v_of_every_block(tiny_llama):
     assert model.polar_targets == [Q0, V0, Q1, V1]
     assert [name for name, _ in polar_layers(model)] == model.polar_targets
     assert all(isinstance(model.get_submodule(name), PolarLinear) for name in model.polar_targets)
-    assert model.polar_config == PolarConfig(r=4)
+    assert model.polar_config == PolarConfig(r=4, target_modules=("q_proj", "v_proj"))  # the default, resolved
 
 
 def test_only_polar_parameters_are_trainable(tiny_llama):
