@@ -132,6 +132,10 @@ def test_train_fit_reads_the_cached_states_of_train(tmp_path, data_dir):
     trunk = pipe.method.extractor.trunk
     assert len(pipe.train) == 144 and len(trunk.store) >= 2 * 144, "every option's states came from train's file"
     assert sorted(p.name for p in (tmp_path / "cache").rglob("*.safetensors")) == saved, "nothing new to write"
+    scaling = build_pipeline(FitConfig(**{**base, "method": "temperature-scaling"}, train_split="train-fit"))
+    assert scaling.heldout.task.split == "train-fit-heldout"
+    warm_cache(scaling, scaling.heldout)  # a slice of a slice: still read from train's file
+    assert sorted(p.name for p in (tmp_path / "cache").rglob("*.safetensors")) == saved
 
 
 @pytest.mark.parametrize("search,match", [
