@@ -89,3 +89,34 @@ def test_stable_rank_study_runs_on_the_tiny_llama(benchmark, tmp_path, data_dir)
     results = json.loads(out.read_text())["results"]
     assert set(results) >= {"polar", "lora"}
     assert all(r["mean_stable_rank"] >= 1.0 for r in results.values())
+
+
+def test_table_targets_reads_means_over_seeds_and_leaves_missing_cells_open(benchmark, tmp_path):
+    import csv
+    import json
+
+    def row(method, task, seed, acc, ece, nll, point_nll=""):
+        return {"method": method, "train_task": task, "eval_task": task, "kind": "id", "seed": seed,
+                "acc": acc, "ece": ece, "nll": nll, "point_nll": point_nll}
+
+    rows = [row("polar-vbll", "arc_easy", 0, 0.56, 2.0, 1.0, 1.1), row("polar-vbll", "arc_easy", 1, 0.54, 4.0, 1.2, 1.1),
+            row("lora-mle", "arc_easy", 0, 0.56, 6.0, 1.2), row("lora-mle", "arc_easy", 1, 0.56, 6.0, 1.2),
+            row("lora-laplace", "arc_easy", 0, 0.55, 2.5, 1.05),
+            row("polar-mle", "openbookqa", 0, 0.24, 9.0, 1.4), row("polar-vbll", "openbookqa", 0, 0.30, 3.0, 1.3),
+            {**row("polar-vbll", "openbookqa", 0, 0.1, 50.0, 9.0), "eval_task": "arc_easy", "kind": "ood"}]
+    path = tmp_path / "results.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert benchmark("table_targets").main([str(path)]) == 0
+    checks = {(c["task"], c["check"]): c for c in json.loads((tmp_path / "targets.json").read_text())["checks"]}
+    easy = lambda name: checks["arc_easy", name]  # noqa: E731
+    assert easy("polar-vbll ECE <= 0.5 x lora-mle")["value"] == 3.0 and easy("polar-vbll ECE <= 0.5 x lora-mle")["met"]
+    assert easy("polar-vbll ECE <= lora-laplace")["met"] is False  # 3.0 > 2.5
+    assert easy("polar-vbll NLL <= lora-laplace")["met"] is False  # 1.1 > 1.05
+    assert easy("polar-vbll ACC within 1 point of lora-mle")["met"] is True  # 0.55 vs 0.56
+    assert easy("polar-vbll predictive NLL < its point prediction")["met"] is False  # 1.1 vs 1.1
+    assert easy("polar-vbll ACC >= lora-vbll")["met"] is None, "no lora-vbll cell: open, not missed"
+    assert checks["openbookqa", "polar-mle ACC >= chance"]["met"] is False
+    assert checks["openbookqa", "polar-vbll ACC >= chance"]["met"] is True
