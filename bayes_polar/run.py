@@ -232,7 +232,7 @@ def _warm_trunk(config: FitConfig, model, trunk, tokenizer, encoded: EncodedTask
     The cache is optional: a file that fails its sha256 manifest (or holds NaN/Inf) is recomputed with
     a warning, and a write that fails (a full disk) is a warning too.
     """
-    if not hasattr(trunk, "warm"):
+    if not hasattr(trunk, "warm_task"):
         return
     path = _cache_file(config, model, trunk, encoded)
     if path is not None and path.exists():
@@ -240,7 +240,7 @@ def _warm_trunk(config: FitConfig, model, trunk, tokenizer, encoded: EncodedTask
             trunk.load(verify(path.parent, path.name, _cache_manifest(path)))
         except (ArtifactError, NumericalError) as exc:
             warnings.warn(f"prefix cache {path} is unusable, recomputing it: {exc}", BayesPolarWarning, stacklevel=2)
-    added = trunk.warm(make_loader(encoded, tokenizer, batch_size=config.eval_batch_size), progress)
+    added = trunk.warm_task(encoded, tokenizer, config.eval_batch_size, progress)
     if path is not None and added and ddp.is_main():
         try:
             trunk.save(path)
