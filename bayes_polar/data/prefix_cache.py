@@ -138,9 +138,10 @@ class CachedTrunk:
         as its rest. The order depends on the tokens alone, so it is the same in every run and process.
         """
         def parts(item) -> tuple[int, int]:
-            sequences = [torch.tensor(s) for s in item.sequences]
-            shared = common_prefix_length(sequences) if self.share_prefix and len(sequences) > 1 else 0
-            return shared, max(len(s) for s in sequences) - shared
+            sequences, shared = item.sequences, 0
+            if self.share_prefix and len(sequences) > 1:  # common_prefix_length, on lists
+                shared = min(len(os.path.commonprefix(sequences)), min(map(len, sequences)) - 1)
+            return shared, max(map(len, sequences)) - shared
 
         sizes = [parts(item) for item in encoded.items]
         by_rest = sorted(range(len(sizes)), key=lambda i: (sizes[i][1], sizes[i][0]))
