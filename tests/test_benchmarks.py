@@ -7,8 +7,8 @@ import torch
 from conftest import REPO
 
 SCRIPTS = ["train_step", "optimizer_step", "predictive", "memory", "head_cost", "prefix_cache", "inference_cost",
-           "frozen_pass"]
-TINY_RUN = {"frozen_pass": ["--questions", "24"]}
+           "frozen_pass", "bf16_step"]
+TINY_RUN = {"frozen_pass": ["--questions", "24"], "bf16_step": ["--fill-questions", "8", "--fill-repeats", "1"]}
 
 
 @pytest.fixture
