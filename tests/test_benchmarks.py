@@ -7,8 +7,9 @@ import torch
 from conftest import REPO
 
 SCRIPTS = ["train_step", "optimizer_step", "predictive", "memory", "head_cost", "prefix_cache", "inference_cost",
-           "frozen_pass", "bf16_step"]
-TINY_RUN = {"frozen_pass": ["--questions", "24"], "bf16_step": ["--fill-questions", "8", "--fill-repeats", "1"]}
+           "frozen_pass", "bf16_step", "gpu"]
+TINY_RUN = {"frozen_pass": ["--questions", "24"], "bf16_step": ["--fill-questions", "8", "--fill-repeats", "1"],
+            "gpu": ["--device", "cpu", "--tiny", "--warmup", "1", "--steps", "1"]}  # gpu.py defaults to CUDA
 
 
 @pytest.fixture
@@ -114,3 +115,11 @@ def test_frozen_pass_counts_padding_and_keeps_the_states(benchmark, tmp_path, da
 def test_trie_size_counts_each_distinct_prefix_once(benchmark):
     assert benchmark("frozen_pass").trie_size([[1, 2, 3], [1, 2, 4], [5]]) == 5
 
+
+def test_gpu_prompts_are_cut_or_extended_to_exactly_the_sequence_length(benchmark):
+    from bayes_polar.data.formats import EncodedExample, EncodedTask
+
+    items = [EncodedExample([[1, 2, 3]], [0], 0, 4), EncodedExample([list(range(10))], [0], 1, 4)]
+    fixed = benchmark("gpu").fixed_length(EncodedTask(None, "letters", items, 5, 512), 7)
+    assert [item.sequences[0] for item in fixed.items] == [[3, 1, 2, 3, 1, 2, 3], [3, 4, 5, 6, 7, 8, 9]]
+    assert [item.label for item in fixed.items] == [0, 1]
