@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export BAYES_POLAR_DATA ?= $(abspath ../shared/data)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast test-full
+.PHONY: install demo test test-fast test-full gpu-check
 
 install: $(VENV)/.installed
 
@@ -29,3 +29,6 @@ test-fast: install
 
 test-full: install
 	$(BIN)/python -m pytest -m full $(PYTEST_ARGS)
+
+gpu-check: install  # on a CUDA machine: tests/gpu + benchmarks/gpu.py (~5 min); see benchmarks/README.md
+	PYTHON=$(BIN)/python benchmarks/gpu_check.sh

@@ -237,7 +237,7 @@ def _warm_trunk(config: FitConfig, model, trunk, tokenizer, encoded: EncodedTask
     The cache is optional: a file that fails its sha256 manifest (or holds NaN/Inf) is recomputed with
     a warning, and a write that fails (a full disk) is a warning too.
     """
-    if not hasattr(trunk, "warm"):
+    if not hasattr(trunk, "warm_task"):
         return
     path = _cache_file(config, model, trunk, encoded)
     saved = [] if path is None else [p for p in [path] if p.exists()] + _base_split_cache_files(path, encoded)
@@ -246,7 +246,7 @@ def _warm_trunk(config: FitConfig, model, trunk, tokenizer, encoded: EncodedTask
             trunk.load(verify(found.parent, found.name, _cache_manifest(found)))
         except (ArtifactError, NumericalError) as exc:
             warnings.warn(f"prefix cache {found} is unusable, recomputing it: {exc}", BayesPolarWarning, stacklevel=2)
-    added = trunk.warm(make_loader(encoded, tokenizer, batch_size=config.eval_batch_size), progress)
+    added = trunk.warm_task(encoded, tokenizer, config.eval_batch_size, progress)
     if path is not None and added and ddp.is_main():
         try:
             trunk.save(path)

@@ -210,6 +210,38 @@ def write_result(name: str, args, settings: dict, measurements: dict, ratios: li
     return path
 
 
+LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def linear_shapes(config) -> dict[str, tuple[int, int]]:
+    """``{name: (in_features, out_features)}`` of one Llama block's linear layers, from the model config."""
+    h, i = config.hidden_size, config.intermediate_size
+    head = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head, config.num_key_value_heads * head
+    shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+    return dict(zip(LLAMA_LINEARS, shapes))
+
+
+def block_flops(config, tokens: int, query_keys: int) -> float:
+    """Model FLOPs of one Llama block on ``tokens`` positions that see ``query_keys`` (query, key) pairs in all.
+
+    Linear layers: 2 * in * out per position; attention: 4 * heads * head_dim per (query, visible key)
+    pair (Q Kᵀ, then the weighted sum of V). Norms, rotary embeddings, softmax and SiLU are not counted
+    (the usual convention); adapters are not either (under 0.1% at rank 8).
+    """
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    linear = 2 * sum(a * b for a, b in linear_shapes(config).values())
+    return float(linear * tokens + 4 * config.num_attention_heads * head * query_keys)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (``ru_maxrss``; Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def load_now() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 

@@ -22,13 +22,13 @@ import _common as bench
 SAMPLES, PASSES = 100, 10
 
 
-def head_only(args, polar, batches, repeats: int = 50) -> dict:
-    """Median seconds of the last layer alone on fixed features: point softmax vs S = 100 draws."""
+def head_only(args, polar, batches, repeats: int = 50, samples: int = SAMPLES) -> dict:
+    """Median seconds of the last layer alone on fixed features: point softmax vs S = ``samples`` draws."""
     head = polar.method.head
     features = polar.method.features(batches[0])
-    samples = bench.interleaved(args, {"point": lambda i: head.point_proba(features),
-                                       "sampled_S100": lambda i: head.predict_proba(features, SAMPLES)}, repeats)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    times = bench.interleaved(args, {"point": lambda i: head.point_proba(features),
+                                     f"sampled_S{samples}": lambda i: head.predict_proba(features, samples)}, repeats)
+    return {name: statistics.median(s) for name, s in times.items()}
 
 
 def main(argv=None) -> None:

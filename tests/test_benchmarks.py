@@ -6,7 +6,10 @@ import torch
 
 from conftest import REPO
 
-SCRIPTS = ["train_step", "optimizer_step", "predictive", "memory", "head_cost", "prefix_cache", "inference_cost"]
+SCRIPTS = ["train_step", "optimizer_step", "predictive", "memory", "head_cost", "prefix_cache", "inference_cost",
+           "frozen_pass", "bf16_step", "gpu"]
+TINY_RUN = {"frozen_pass": ["--questions", "24"], "bf16_step": ["--fill-questions", "8", "--fill-repeats", "1"],
+            "gpu": ["--device", "cpu", "--tiny", "--warmup", "1", "--steps", "1"]}  # gpu.py defaults to CUDA
 
 
 @pytest.fixture
@@ -71,7 +74,7 @@ def test_every_benchmark_runs_on_the_tiny_llama_and_writes_finite_json(benchmark
     import math
 
     out = tmp_path / f"{name}.json"
-    benchmark(name).main(["--repeats", "1", "--out", str(out)])
+    benchmark(name).main(["--repeats", "1", "--out", str(out), *TINY_RUN.get(name, [])])
     result = json.loads(out.read_text())
     assert result["benchmark"] == name and result["model"] == "tiny-random-llama"
     assert result["ratios"], "every timing benchmark reports at least one ratio"
@@ -120,3 +123,34 @@ def test_table_targets_reads_means_over_seeds_and_leaves_missing_cells_open(benc
     assert easy("polar-vbll ACC >= lora-vbll")["met"] is None, "no lora-vbll cell: open, not missed"
     assert checks["openbookqa", "polar-mle ACC >= chance"]["met"] is False
     assert checks["openbookqa", "polar-vbll ACC >= chance"]["met"] is True
+
+
+@pytest.mark.integration
+def test_frozen_pass_counts_padding_and_keeps_the_states(benchmark, tmp_path, data_dir):
+    """40 questions a split: 3 fill batches, so the length-bucketed order can pad less than the loader's."""
+    import json
+
+    out = tmp_path / "frozen_pass.json"
+    benchmark("frozen_pass").main(["--repeats", "1", "--questions", "40", "--out", str(out)])
+    result = json.loads(out.read_text())
+    ratios = {r["name"]: r["value"] for r in result["ratios"]}
+    assert 0 <= ratios["padding_fraction_length_sorted"] < ratios["padding_fraction_loader_order"] < 1
+    m = result["measurements"]
+    assert m["passes"]["length_sorted"]["real"] == m["passes"]["loader_order"]["real"], "the same tokens, once each"
+    assert m["model_gflops"] < m["executed_gflops"]["length_sorted"] < m["executed_gflops"]["loader_order"]
+    assert m["store_agreement"]["same_keys"] and m["store_agreement"]["max_rel_diff"] < 1e-5
+    assert 0 <= m["repetition"]["shared_context"]["repeated_tokens"] < m["repetition"]["per_sequence_reference"][
+        "repeated_tokens"]
+
+
+def test_trie_size_counts_each_distinct_prefix_once(benchmark):
+    assert benchmark("frozen_pass").trie_size([[1, 2, 3], [1, 2, 4], [5]]) == 5
+
+
+def test_gpu_prompts_are_cut_or_extended_to_exactly_the_sequence_length(benchmark):
+    from bayes_polar.data.formats import EncodedExample, EncodedTask
+
+    items = [EncodedExample([[1, 2, 3]], [0], 0, 4), EncodedExample([list(range(10))], [0], 1, 4)]
+    fixed = benchmark("gpu").fixed_length(EncodedTask(None, "letters", items, 5, 512), 7)
+    assert [item.sequences[0] for item in fixed.items] == [[3, 1, 2, 3, 1, 2, 3], [3, 4, 5, 6, 7, 8, 9]]
+    assert [item.label for item in fixed.items] == [0, 1]

@@ -139,6 +139,50 @@ def test_padding_does_not_change_cached_states(adapted):
     torch.testing.assert_close(together[0, -n:], alone[0], atol=1e-5, rtol=1e-5)
 
 
+def _varied_task(n=12, kind="qa"):
+    """Questions and options of many lengths (what makes padding matter)."""
+    words = "the a plant sun water rock gas heat moves light cell energy earth moon".split()
+    examples = []
+    for q in range(n):
+        question = " ".join(words[(q * 5 + j) % len(words)] for j in range(3 + (q * 7) % 11)) + "?"
+        choices = tuple(" ".join(words[(q + c + j) % len(words)] for j in range(1 + (q * c + 3 * c) % 6))
+                        for c in range(2 + q % 3))
+        examples.append(Example(question, choices, q % len(choices), f"v{q}"))
+    return Task("varied", "train", examples, 4, tuple("ABCDE"), "mem", kind=kind)
+
+
+@pytest.mark.parametrize("format", ["options", "letters"])
+def test_length_sorted_fill_pads_less_and_stores_the_same_states(adapted, monkeypatch, format):
+    """``warm_task`` (length-bucketed order) vs ``warm`` over the loader's order: same keys, states equal
+    in float64 to 1e-12 (padding only changes float rounding), fewer padded positions."""
+    model, tokenizer, _ = adapted
+    model.double()
+    enc = encode_task(_varied_task(), tokenizer, format)
+    plain, bucketed = CachedTrunk(model, 2, dtype=torch.float64), CachedTrunk(model, 2, dtype=torch.float64)
+    plain_calls, bucketed_calls = _spy_lower(plain, monkeypatch), _spy_lower(bucketed, monkeypatch)
+    assert plain.warm(make_loader(enc, tokenizer, batch_size=4)) == bucketed.warm_task(enc, tokenizer, 4) >= 12
+    assert set(plain.store) == set(bucketed.store)
+    for key, states in plain.store.items():
+        torch.testing.assert_close(bucketed.store[key], states, atol=1e-12, rtol=1e-12)
+    executed = [sum(rows * width for rows, width in calls) for calls in (plain_calls, bucketed_calls)]
+    assert executed[1] < executed[0], executed
+    order = bucketed.fill_order(enc, 4)
+    assert sorted(order) == list(range(len(enc))) and order == bucketed.fill_order(enc, 4)
+    if format == "letters":  # one pass per batch: fewer than FILL_CHUNK_BATCHES batches is one sorted chunk
+        lengths = [len(enc.items[i].sequences[0]) for i in order]
+        assert lengths == sorted(lengths)
+
+
+def test_length_sorted_fill_in_float32_matches_to_rounding(adapted):
+    model, tokenizer, _ = adapted
+    enc = encode_task(_varied_task(), tokenizer, "options")
+    plain, bucketed = CachedTrunk(model, 2), CachedTrunk(model, 2)
+    plain.warm(make_loader(enc, tokenizer, batch_size=4))
+    bucketed.warm_task(enc, tokenizer, 4)
+    for key, states in plain.store.items():
+        torch.testing.assert_close(bucketed.store[key], states, atol=1e-5, rtol=1e-5)
+
+
 def test_save_load_and_half_precision(adapted, tmp_path):
     model, tokenizer, enc = adapted
     batch = next(iter(make_loader(enc, tokenizer, batch_size=3)))

@@ -26,11 +26,11 @@ def epoch_loader(encoded, tokenizer, batch_size: int, seed: int, num_replicas: i
 
 
 def warm_prefix_cache(method, encoded, tokenizer, batch_size: int, progress: bool = False) -> int:
-    """Fill a prefix cache (if the method has one) over ``encoded`` in its fixed order."""
+    """Fill a prefix cache (if the method has one) over ``encoded``, in the cache's fixed fill order."""
     trunk = method.extractor.trunk
-    if not hasattr(trunk, "warm"):
+    if not hasattr(trunk, "warm_task"):
         return 0
-    return trunk.warm(make_loader(encoded, tokenizer, batch_size=batch_size), progress)
+    return trunk.warm_task(encoded, tokenizer, batch_size, progress)
 
 
 def fit(method, loader, total_steps: int, start_step: int = 0, callback=None) -> int:
