@@ -210,15 +210,15 @@ def _cache_file(config: FitConfig, model, trunk, encoded: EncodedTask) -> Path |
 
 
 def _base_split_cache_files(path: Path, encoded: EncodedTask) -> list[Path]:
-    """The cache files of the split that ``encoded``'s derived split (``train-fit``, ``train-heldout``,
-    ``train-fit-heldout``) is cut from: its questions' states are there already (keyed by token ids)."""
-    base, part = derived_split(encoded.task.split)
-    if part is None:
-        return []
-    while derived_split(base)[1] is not None:
-        base = derived_split(base)[0]
-    stem = f"{file_label(encoded.task.name)}-{base}-{encoded.format}-{encoded.max_length}-"
-    return sorted(p for p in path.parent.glob(f"{stem}*.safetensors") if p.name[len(stem):-len(".safetensors")].isdigit())
+    """The cache files of the splits that ``encoded``'s derived split is cut from (``train-fit-heldout``:
+    ``train-fit`` and ``train``): its questions' states are there already (the cache is keyed by token ids)."""
+    found, split = [], encoded.task.split
+    while derived_split(split)[1] is not None:
+        split = derived_split(split)[0]
+        stem = f"{file_label(encoded.task.name)}-{split}-{encoded.format}-{encoded.max_length}-"
+        found += sorted(p for p in path.parent.glob(f"{stem}*.safetensors")
+                        if p.name[len(stem):-len(".safetensors")].isdigit())
+    return found
 
 
 def _cache_manifest(path: Path) -> str:

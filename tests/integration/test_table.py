@@ -138,6 +138,23 @@ def test_train_fit_reads_the_cached_states_of_train(tmp_path, data_dir):
     assert sorted(p.name for p in (tmp_path / "cache").rglob("*.safetensors")) == saved
 
 
+def test_a_slice_of_a_slice_reads_the_cache_of_the_slice_it_is_cut_from(tmp_path, data_dir):
+    """Selection cells warm train-fit first (no train file exists): temperature scaling's train-fit-heldout
+    then reads train-fit's file."""
+    from bayes_polar.config import FitConfig
+    from bayes_polar.run import build_pipeline, warm_cache
+
+    base = {**TINY_BASE, "train_limit": None, "task": "winogrande_xs", "data_dir": str(data_dir),
+            "cache_dir": str(tmp_path / "cache"), "train_split": "train-fit"}
+    fitted = build_pipeline(FitConfig(**base, method="polar-mle"))
+    warm_cache(fitted, fitted.train)
+    saved = sorted(p.name for p in (tmp_path / "cache").rglob("*.safetensors"))
+    assert saved == ["winogrande_xs-train-fit-options-48-144.safetensors"]
+    scaling = build_pipeline(FitConfig(**base, method="temperature-scaling"))
+    warm_cache(scaling, scaling.heldout)
+    assert sorted(p.name for p in (tmp_path / "cache").rglob("*.safetensors")) == saved
+
+
 @pytest.mark.parametrize("search,match", [
     ({"lora-mle": [{"lr": 1e-3}] * 5}, "1 to 4 settings"),
     ({"lora-mle": [{"seed": 3}, {"lr": 1e-3}]}, r"sets \['seed'\], which the grid sets per cell"),
