@@ -246,10 +246,11 @@ def _warm_trunk(config: FitConfig, model, trunk, tokenizer, encoded: EncodedTask
             trunk.load(verify(found.parent, found.name, _cache_manifest(found)))
         except (ArtifactError, NumericalError) as exc:
             warnings.warn(f"prefix cache {found} is unusable, recomputing it: {exc}", BayesPolarWarning, stacklevel=2)
-    added = trunk.warm_task(encoded, tokenizer, config.eval_batch_size, progress)
+    visited = set()
+    added = trunk.warm_task(encoded, tokenizer, config.eval_batch_size, progress, visited)
     if path is not None and added and ddp.is_main():
         try:
-            trunk.save(path)
+            trunk.save(path, visited)  # this split's sequences only, not those of splits loaded or filled before
             write_manifest(path.parent, [path.name], _cache_manifest(path))
         except OSError as exc:
             warnings.warn(f"could not write the prefix cache {path} ({exc}); going on without it", BayesPolarWarning,

@@ -117,8 +117,9 @@ class CachedTrunk:
         return self._run_top(prefix, batch.attention_mask)
 
     @torch.no_grad()
-    def warm(self, loader, progress: bool = False) -> int:
-        """Compute the states of every sequence of ``loader`` now, in its (fixed) order.
+    def warm(self, loader, progress: bool = False, visited: set | None = None) -> int:
+        """Compute the states of every sequence of ``loader`` now, in its (fixed) order; returns how many
+        were added. ``visited`` collects the keys of the loader's sequences (see :meth:`save`).
 
         Filling the cache in one canonical order makes the stored states independent of the
         training order (padding changes float rounding), so a resumed run sees the same ones.
@@ -128,6 +129,8 @@ class CachedTrunk:
         before = len(self)
         for batch in tqdm(loader, desc="caching frozen blocks", disable=not progress, leave=False):
             keys = [_sequence_key(ids[mask.bool()]) for ids, mask in zip(batch.input_ids, batch.attention_mask)]
+            if visited is not None:
+                visited.update(keys)
             missing = [i for i, key in enumerate(keys) if key not in self.store]
             if missing:
                 self._fill(batch, missing, keys)
@@ -155,10 +158,11 @@ class CachedTrunk:
         return [i for start in range(0, len(by_rest), chunk)
                 for i in sorted(by_rest[start:start + chunk], key=lambda i: sizes[i])]
 
-    def warm_task(self, encoded: EncodedTask, tokenizer, batch_size: int, progress: bool = False) -> int:
+    def warm_task(self, encoded: EncodedTask, tokenizer, batch_size: int, progress: bool = False,
+                  visited: set | None = None) -> int:
         """:meth:`warm` over ``encoded`` in batches of ``batch_size`` questions, in :meth:`fill_order`."""
         order = self.fill_order(encoded, batch_size)
-        return self.warm(make_loader(encoded, tokenizer, batch_size=batch_size, sampler=order), progress)
+        return self.warm(make_loader(encoded, tokenizer, batch_size=batch_size, sampler=order), progress, visited)
 
     @torch.no_grad()
     def _fill(self, batch: Batch, rows: list[int], keys: list[str]) -> None:
@@ -260,13 +264,15 @@ class CachedTrunk:
             for i, block in enumerate(saved):
                 self.blocks[i] = block
 
-    def save(self, path) -> Path:
-        """Write the cache to one safetensors file (with the layer and dtype as metadata)."""
+    def save(self, path, keys=None) -> Path:
+        """Write the cache (only the sequences ``keys``, when given: one split's) to one safetensors file,
+        with the layer and dtype as metadata."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent writers (table --jobs) never share one
         meta = {"start_layer": str(self.start_layer), "dtype": str(self.dtype)}
-        data = save({k: v.contiguous() for k, v in self.store.items()}, metadata=meta)
+        kept = self.store if keys is None else {k: self.store[k] for k in keys}
+        data = save({k: v.contiguous() for k, v in kept.items()}, metadata=meta)
         try:
             with open(tmp, "wb") as f:  # Python I/O: a full disk is an OSError, not a SafetensorError
                 f.write(data)

@@ -138,6 +138,28 @@ def test_train_fit_reads_the_cached_states_of_train(tmp_path, data_dir):
     assert sorted(p.name for p in (tmp_path / "cache").rglob("*.safetensors")) == saved
 
 
+def test_each_cache_file_holds_its_own_split_only(tmp_path, data_dir):
+    """A pipeline warms train, then validation: validation's file does not carry train's states too."""
+    from safetensors import safe_open
+
+    from bayes_polar.config import FitConfig
+    from bayes_polar.run import build_pipeline, encode_eval, warm_cache
+
+    pipe = build_pipeline(FitConfig(**{**TINY_BASE, "train_limit": 12, "task": "arc_easy", "data_dir": str(data_dir),
+                                       "cache_dir": str(tmp_path / "cache"), "method": "polar-mle"}))
+    validation = encode_eval(pipe, "arc_easy", "validation")
+    warm_cache(pipe, pipe.train)
+    warm_cache(pipe, validation)
+
+    def stored(split, n):
+        path = next((tmp_path / "cache").rglob(f"arc_easy-{split}-options-48-{n}.safetensors"))
+        with safe_open(path, "pt") as f:
+            return len(f.keys())
+
+    assert stored("train", 12) == sum(len(item.sequences) for item in pipe.train.items)
+    assert stored("validation", 6) == sum(len(item.sequences) for item in validation.items)
+
+
 def test_a_slice_of_a_slice_reads_the_cache_of_the_slice_it_is_cut_from(tmp_path, data_dir):
     """Selection cells warm train-fit first (no train file exists): temperature scaling's train-fit-heldout
     then reads train-fit's file."""
