@@ -5,7 +5,8 @@ question context shared across options vs every option sequence run in full.
    ``CachedTrunk`` or on ``FullTrunk`` (all blocks), alternately on the same minibatches;
    speed-up = uncached / cached.
 2. ``fill``: fresh ``CachedTrunk(model, k, share_prefix=...)`` warmed over the same ARC-Easy
-   questions (in batches of 16 questions, as ``run_fit`` does); speed-up = per-sequence / shared.
+   questions (batches of 16 questions in the loader's order; ``run_fit`` fills in length-bucketed order,
+   ``CachedTrunk.warm_task``, whose gain ``frozen_pass.py`` measures); speed-up = per-sequence / shared.
    The two stores are compared (max absolute and relative difference of the cached states).
 
 Issue 8 sets no numeric target for these speed-ups (its goal is the ~10 min demo); they are
