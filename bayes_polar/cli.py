@@ -124,7 +124,7 @@ def _cmd_table(args) -> int:
     from .evaluation.table import Grid, run_grid
 
     run_grid(Grid.load(args.config), args.out, progress=not args.quiet and args.jobs == 1, jobs=args.jobs,
-             select_only=args.select_only)
+             select_only=args.select_only, report_only=args.report_only)
     print((Path(args.out) / ("selection.csv" if args.select_only else "table.md")).read_text())
     return 0
 
@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--quiet", action="store_true", help="no progress bars")
     table.add_argument("--select-only", action="store_true", help="only choose each method's setting (the grid's "
                        "`search`, on a dev split cut from the training split), then stop")
+    table.add_argument("--report-only", action="store_true", help="run no cell: write the table of the cells "
+                       "finished so far (a grid still running, or one run over several sessions)")
     table.set_defaults(func=_cmd_table)
 
     check = sub.add_parser("posterior-check", formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -167,27 +167,37 @@ def candidate_dir(out: Path, method: str, index: int) -> Path:
     return out / "select" / method / f"setting{index}"
 
 
-def run_grid(grid: Grid, out, progress: bool = True, log=print, jobs: int = 1, select_only: bool = False) -> list[dict]:
+def run_grid(grid: Grid, out, progress: bool = True, log=print, jobs: int = 1, select_only: bool = False,
+             report_only: bool = False) -> list[dict]:
     """Choose each method's setting (when the grid has a search), run every unfinished cell, then write
     results.csv, table.md and reliability.png.
 
     ``jobs > 1`` runs cells in that many processes (give each ``threads`` cores): the frozen-block
     caches are filled first, one task per process, so no two cells compute the same states.
     ``select_only``: stop after the selection (``selection.csv``, ``selected.json``).
+    ``report_only``: run nothing; write the table of the cells finished so far (the selection must be).
     """
     out = Path(out)
     candidates = list(grid.candidates())
     if select_only and not candidates:
         raise ConfigError("select_only: the grid's search gives no method two or more settings to choose between")
     if candidates:
-        _run_cells([(f"select {method} setting {index}", config, candidate_dir(out, method, index))
-                    for method, index, _, config in candidates], out, jobs, progress, log)
+        if report_only:
+            missing = [f"{m} setting {i}" for m, i, _, _ in candidates
+                       if not (candidate_dir(out, m, i) / "metrics.json").exists()]
+            if missing:
+                raise ConfigError(f"report_only: the selection in {out} is unfinished ({', '.join(missing)})")
+        else:
+            _run_cells([(f"select {method} setting {index}", config, candidate_dir(out, method, index))
+                        for method, index, _, config in candidates], out, jobs, progress, log)
         grid.selected = select_settings(grid, out)
         if select_only:
             return []
     cells = list(grid.cells())
-    _run_cells([(f"[{index}/{len(cells)}] {task} {method} seed {seed}", config, cell_dir(out, task, method, seed))
-                for index, (task, method, seed, config) in enumerate(cells, start=1)], out, jobs, progress, log)
+    if not report_only:
+        _run_cells([(f"[{index}/{len(cells)}] {task} {method} seed {seed}", config,
+                     cell_dir(out, task, method, seed))
+                    for index, (task, method, seed, config) in enumerate(cells, start=1)], out, jobs, progress, log)
     rows = collect_rows(grid, out)
     write_results(grid, rows, out)
     return rows

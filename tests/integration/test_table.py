@@ -1,6 +1,7 @@
 """The results-table grid on the tiny random Llama: cells, resumability, CSV, Markdown, figure."""
 import csv
 import json
+import shutil
 
 import pytest
 
@@ -112,10 +113,17 @@ def test_settings_are_chosen_on_a_dev_split_cut_from_train_then_fixed_for_every_
     assert {r["split"] for r in rows} == {"validation"}
     assert "chosen by dev NLL on arc_easy:train-heldout" in (out / "table.md").read_text()
 
+    shutil.rmtree(out / "cells" / "openbookqa" / "lora-ensemble")  # a grid still running: report what is done
+    partial = run_grid(grid, out, progress=False, log=lambda *_: None, report_only=True)
+    assert len(partial) == len(rows) - 1 and not (out / "cells" / "openbookqa" / "lora-ensemble").exists()
+
     grid.search["lora-mle"] = [{"lr": 1e-4}, {"lr": 2e-4}]  # another grid over the same folder
     (out / "selected.json").unlink()
     with pytest.raises(ConfigError, match="was run with other settings"):
         run_grid(grid, out, progress=False, log=lambda *_: None)
+    (out / "select" / "lora-mle" / "setting1" / "metrics.json").unlink()
+    with pytest.raises(ConfigError, match="the selection in .* is unfinished \\(lora-mle setting 1\\)"):
+        run_grid(grid, out, progress=False, log=lambda *_: None, report_only=True)
 
 
 def test_train_fit_reads_the_cached_states_of_train(tmp_path, data_dir):
