@@ -136,13 +136,14 @@ class Grid:
         return {}
 
     def cells(self):
-        """``(task, method, seed, FitConfig)`` for every cell, OOD evaluations on the OOD training task."""
-        for task in self.tasks:
-            targets = [task]
-            if self.ood and task == self.ood["train"]:
-                targets += [t for t in self.ood["eval"] if t != task]
-            for method in self.methods:
-                for seed in self.seeds:
+        """``(task, method, seed, FitConfig)`` for every cell, OOD evaluations on the OOD training task;
+        seed by seed, so that a grid stopped part way has whole seeds of every column."""
+        for seed in self.seeds:
+            for task in self.tasks:
+                targets = [task]
+                if self.ood and task == self.ood["train"]:
+                    targets += [t for t in self.ood["eval"] if t != task]
+                for method in self.methods:
                     yield task, method, seed, self._config(task, method, seed, self.setting(method),
                                                            eval_tasks=",".join(targets))
 

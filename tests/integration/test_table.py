@@ -198,3 +198,11 @@ def test_bad_searches_fail_before_any_cell(tmp_path, search, match):
                                 "search": search}))
     with pytest.raises(ConfigError, match=match):
         Grid.load(path)
+
+
+def test_cells_run_seed_by_seed():
+    """A grid stopped part way (a session ends) has whole seeds of every column, not every seed of a few."""
+    grid = Grid(base=dict(TINY_BASE), methods=["lora-mle", "polar-vbll"], tasks=["arc_easy", "openbookqa"],
+                seeds=[0, 1, 2])
+    seeds = [seed for _, _, seed, _ in grid.cells()]
+    assert seeds == [0] * 4 + [1] * 4 + [2] * 4
