@@ -379,7 +379,7 @@ def write_results(grid: Grid, rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(rows, out / "results.csv")
     base = FitConfig.from_dict(grid.base)
-    header = (f"{base.model}, `{base.format}` format, adapters on blocks {base.layers} "
+    header = (f"{base.model} ({base.dtype}), `{base.format}` format, adapters on blocks {base.layers} "
               f"({base.target_modules}, rank {base.rank}), {base.steps} steps of {base.batch_size} questions, "
               f"train_limit {base.train_limit}, eval_limit {base.eval_limit}, seeds {grid.seeds}; mean ± std over seeds.")
     if grid.task_overrides:
