@@ -240,7 +240,7 @@ def _warm_trunk(config: FitConfig, model, trunk, tokenizer, encoded: EncodedTask
     if not hasattr(trunk, "warm_task"):
         return
     path = _cache_file(config, model, trunk, encoded)
-    saved = [] if path is None else [p for p in [path] if p.exists()] + _base_split_cache_files(path, encoded)
+    saved = [] if path is None else ([path] if path.exists() else []) + _base_split_cache_files(path, encoded)
     for found in saved:
         try:
             trunk.load(verify(found.parent, found.name, _cache_manifest(found)))
