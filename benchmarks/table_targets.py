@@ -1,6 +1,8 @@
 """Check the calibration issue's targets on a results table (``results.csv`` of ``bayes-polar table``).
 
-Per in-distribution column, on means over seeds (ECE in %, NLL in nats, accuracy as a fraction):
+Per in-distribution column, on means over seeds (ECE in %, NLL in nats, accuracy as a fraction); a check
+between two methods averages both over the seeds they share, so that a grid stopped part way compares
+like with like:
 
 - PoLAR-VBLL ECE ≤ 0.5 × lora-mle's and ≤ lora-laplace's; NLL ≤ both; accuracy ≥ lora-mle's − 0.01;
 - PoLAR-VBLL's posterior predictive NLL < its own point prediction's (the guide mean);
@@ -25,47 +27,57 @@ from pathlib import Path
 CHANCE = {"openbookqa": 0.25}
 
 
-def column_means(rows: list[dict]) -> dict[tuple[str, str], dict[str, float]]:
-    """``(method, task) -> {metric: mean over seeds, "seeds": n}`` for the in-distribution rows."""
-    values = defaultdict(lambda: defaultdict(list))
+def column_values(rows: list[dict]) -> dict[tuple[str, str], dict[str, dict[int, float]]]:
+    """``(method, task) -> {metric: {seed: value}}`` for the in-distribution rows."""
+    values = defaultdict(lambda: defaultdict(dict))
     for row in rows:
         if row["kind"] != "id":
             continue
         for metric in ("acc", "ece", "nll", "point_nll"):
             if row.get(metric) not in (None, ""):
-                values[row["method"], row["eval_task"]][metric].append(float(row[metric]))
-    return {key: {**{m: statistics.mean(v) for m, v in metrics.items()}, "seeds": len(metrics["acc"])}
-            for key, metrics in values.items()}
+                values[row["method"], row["eval_task"]][metric][int(row["seed"])] = float(row[metric])
+    return values
 
 
-def checks(means: dict, tasks: list[str]) -> list[dict]:
-    def value(method, task, metric):
-        return means.get((method, task), {}).get(metric)
+def checks(values: dict, tasks: list[str]) -> list[dict]:
+    def per_seed(task, method, metric):
+        return values.get((method, task), {}).get(metric, {})
 
     def check(name, task, left, op, right, scale=1.0, slack=0.0):
-        met = None if left is None or right is None else (
-            left <= scale * right + slack if op == "<=" else left >= scale * right - slack if op == ">=" else left < right)
-        return {"check": name, "task": task, "value": left, "reference": right, "met": met}
+        """``left`` and ``right`` are ``(method, metric)`` or a constant; means over their shared seeds."""
+        left_seeds = per_seed(task, *left)
+        right_seeds = per_seed(task, *right) if isinstance(right, tuple) else None
+        seeds = sorted(left_seeds.keys() & right_seeds.keys() if right_seeds is not None else left_seeds)
+        if not seeds:
+            return {"check": name, "task": task, "value": None, "reference": None, "seeds": [], "met": None}
+        lv = statistics.mean(left_seeds[s] for s in seeds)
+        rv = statistics.mean(right_seeds[s] for s in seeds) if right_seeds is not None else right
+        met = lv <= scale * rv + slack if op == "<=" else lv >= scale * rv - slack if op == ">=" else lv < rv
+        return {"check": name, "task": task, "value": lv, "reference": rv, "seeds": seeds, "met": met}
 
     out = []
     for task in tasks:
-        pv = lambda m: value("polar-vbll", task, m)  # noqa: E731
+        pv = lambda m: ("polar-vbll", m)  # noqa: E731
         out += [
-            check("polar-vbll ECE <= 0.5 x lora-mle", task, pv("ece"), "<=", value("lora-mle", task, "ece"), 0.5),
-            check("polar-vbll ECE <= lora-laplace", task, pv("ece"), "<=", value("lora-laplace", task, "ece")),
-            check("polar-vbll NLL <= lora-mle", task, pv("nll"), "<=", value("lora-mle", task, "nll")),
-            check("polar-vbll NLL <= lora-laplace", task, pv("nll"), "<=", value("lora-laplace", task, "nll")),
-            check("polar-vbll ACC within 1 point of lora-mle", task, pv("acc"), ">=", value("lora-mle", task, "acc"),
-                  slack=0.01),
+            check("polar-vbll ECE <= 0.5 x lora-mle", task, pv("ece"), "<=", ("lora-mle", "ece"), 0.5),
+            check("polar-vbll ECE <= lora-laplace", task, pv("ece"), "<=", ("lora-laplace", "ece")),
+            check("polar-vbll NLL <= lora-mle", task, pv("nll"), "<=", ("lora-mle", "nll")),
+            check("polar-vbll NLL <= lora-laplace", task, pv("nll"), "<=", ("lora-laplace", "nll")),
+            check("polar-vbll ACC within 1 point of lora-mle", task, pv("acc"), ">=", ("lora-mle", "acc"), slack=0.01),
             check("polar-vbll predictive NLL < its point prediction", task, pv("nll"), "<", pv("point_nll")),
-            check("polar-mle ACC >= lora-mle", task, value("polar-mle", task, "acc"), ">=",
-                  value("lora-mle", task, "acc")),
-            check("polar-vbll ACC >= lora-vbll", task, pv("acc"), ">=", value("lora-vbll", task, "acc")),
+            check("polar-mle ACC >= lora-mle", task, ("polar-mle", "acc"), ">=", ("lora-mle", "acc")),
+            check("polar-vbll ACC >= lora-vbll", task, pv("acc"), ">=", ("lora-vbll", "acc")),
         ]
         if task in CHANCE:
-            out += [check(f"{method} ACC >= chance", task, value(method, task, "acc"), ">=", CHANCE[task])
-                    for method, t in sorted(means) if t == task]
+            out += [check(f"{method} ACC >= chance", task, (method, "acc"), ">=", CHANCE[task])
+                    for method, t in sorted(values) if t == task]
     return out
+
+
+def seed_means(values: dict, method: str, task: str) -> dict:
+    metrics = values[method, task]
+    return {**{m: statistics.mean(metrics[m].values()) for m in ("acc", "ece", "nll") if metrics.get(m)},
+            "seeds": sorted(metrics["acc"])}
 
 
 def main(argv=None) -> int:
@@ -76,11 +88,11 @@ def main(argv=None) -> int:
     path = Path(args.results)
     with open(path) as f:
         rows = list(csv.DictReader(f))
-    means = column_means(rows)
+    values = column_values(rows)
     tasks = list(dict.fromkeys(r["eval_task"] for r in rows if r["kind"] == "id"))
-    results = checks(means, tasks)
-    side = {task: {m: {k: means[m, task].get(k) for k in ("acc", "ece", "nll", "seeds")}
-                   for m in ("polar-vbll", "temperature-scaling") if (m, task) in means} for task in tasks}
+    results = checks(values, tasks)
+    side = {task: {m: seed_means(values, m, task) for m in ("polar-vbll", "temperature-scaling") if (m, task) in values}
+            for task in tasks}
     summary = {"results": str(path), "checks": results, "met": sum(r["met"] is True for r in results),
                "missed": sum(r["met"] is False for r in results), "open": sum(r["met"] is None for r in results),
                "polar_vbll_vs_temperature_scaling": side}
@@ -89,7 +101,8 @@ def main(argv=None) -> int:
     for r in results:
         mark = {True: "met   ", False: "MISSED", None: "open  "}[r["met"]]
         fmt = lambda x: "–" if x is None else f"{x:.4g}"  # noqa: E731
-        print(f"{mark} {r['task']:<14} {r['check']}: {fmt(r['value'])} vs {fmt(r['reference'])}")
+        seeds = ",".join(map(str, r["seeds"])) or "-"
+        print(f"{mark} {r['task']:<14} {r['check']}: {fmt(r['value'])} vs {fmt(r['reference'])} (seeds {seeds})")
     print(f"{summary['met']} met, {summary['missed']} missed, {summary['open']} open -> {out}")
     return 0
 
