@@ -13,7 +13,8 @@ OUT=runs/table
 DEST=benchmarks/results/smollm2_table
 bayes-polar table --config benchmarks/configs/smollm2_table.json --out "$OUT" --report-only --quiet > /dev/null
 mkdir -p "$DEST"
-for f in results.csv table.md reliability.png selection.csv selected.json; do
+for f in results.csv table.md selection.csv selected.json "$OUT"/reliability_*.png; do
+  f=$(basename "$f")
   if [ -f "$OUT/$f" ]; then cp "$OUT/$f" "$DEST/"; fi
 done
 rm -rf "$DEST/cells" "$DEST/select"

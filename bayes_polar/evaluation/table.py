@@ -14,7 +14,7 @@ frozen blocks' states are cached on disk once per task and shared by every cell.
 OOD AUROC/AUPR per uncertainty score), ``OUT/table.md`` (ACC / ECE / NLL; AURC for every column; OOD
 AUROC of max probability, entropy, mutual information and logit variance for the OOD training task's
 columns; mean
-± std over seeds) and ``OUT/reliability.png`` (one panel per method).
+± std over seeds) and ``OUT/reliability_<task>.png`` (one panel per method).
 
 **Choosing hyperparameters** (the tuning protocol). ``"search"`` gives each method at most
 ``MAX_SETTINGS`` candidate settings (or names another method whose choice it takes, e.g. the ensemble
@@ -171,7 +171,7 @@ def candidate_dir(out: Path, method: str, index: int) -> Path:
 def run_grid(grid: Grid, out, progress: bool = True, log=print, jobs: int = 1, select_only: bool = False,
              report_only: bool = False) -> list[dict]:
     """Choose each method's setting (when the grid has a search), run every unfinished cell, then write
-    results.csv, table.md and reliability.png.
+    results.csv, table.md and reliability_<task>.png.
 
     ``jobs > 1`` runs cells in that many processes (give each ``threads`` cores): the frozen-block
     caches are filled first, one task per process, so no two cells compute the same states.
@@ -398,18 +398,20 @@ def _setting_text(values: dict) -> str:
 
 
 def _reliability_figure(grid: Grid, out: Path) -> None:
-    """One reliability panel per method, on the first task and seed (from the saved predictions)."""
+    """``OUT/reliability_<task>.png`` per in-distribution task: one panel per method, from the first seed
+    whose cell has its saved predictions here (a cell copied from another clone keeps only its metrics)."""
     from safetensors.torch import load_file
 
     from .metrics import plot_reliability_diagrams
 
-    task, seed = grid.tasks[0], grid.seeds[0]
-    curves = {}
-    for method in grid.methods:
-        path = cell_dir(out, task, method, seed) / "predictions.safetensors"
-        if path.exists():
-            saved = load_file(path)
-            key = next(k[: -len("/probs")] for k in saved if k.startswith(f"{task}/") and k.endswith("/probs"))
-            curves[method] = (saved[f"{key}/probs"], saved[f"{key}/labels"])
-    if curves:
-        plot_reliability_diagrams(curves, out / "reliability.png", title=f"{task} (seed {seed})")
+    for task in grid.tasks:
+        curves = {}
+        for method in grid.methods:
+            path = next((p for seed in grid.seeds
+                         if (p := cell_dir(out, task, method, seed) / "predictions.safetensors").exists()), None)
+            if path is not None:
+                saved = load_file(path)
+                key = next(k[: -len("/probs")] for k in saved if k.startswith(f"{task}/") and k.endswith("/probs"))
+                curves[f"{method} ({path.parent.name})"] = (saved[f"{key}/probs"], saved[f"{key}/labels"])
+        if curves:
+            plot_reliability_diagrams(curves, out / f"reliability_{task}.png", title=task)

@@ -36,7 +36,7 @@ def test_grid_writes_the_table_and_skips_finished_cells(tmp_path, data_dir):
     assert "OOD AUROC (%) of mutual information, openbookqa as ID ↑" in blocks
     auroc = table.split("OOD AUROC (%) of max probability")[1].split("**")[1]
     assert auroc.strip().splitlines()[0] == "| method | openbookqa→arc_challenge | openbookqa→mmlu_college_physics |"
-    assert (tmp_path / "out" / "reliability.png").stat().st_size > 0
+    assert all((tmp_path / "out" / f"reliability_{task}.png").stat().st_size > 0 for task in ("openbookqa", "arc_easy"))
     assert any((tmp_path / "cache").rglob("*.safetensors")), "frozen-block states cached on disk"
 
     marker = tmp_path / "out" / "cells" / "arc_easy" / "lora-mle" / "seed0" / "metrics.json"
