@@ -33,7 +33,9 @@ SCHEDULES = ("cosine", "linear", "constant")
 ON_NAN = ("stop", "skip")
 ORTHOGONALITY_TOL = {"riemannian_adam": 1e-4, "landing": 0.1}  # landing: 2 x adapters.optim.LANDING_TOLERANCE
 MODES = ("alternating", "joint")
-STIEFEL_LR_FACTOR = 1.0  # default stiefel_lr = STIEFEL_LR_FACTOR x lr (see README, "PoLAR learning rates")
+# PoLAR's default stiefel_lr and theta_lr: POLAR_LR_FACTOR x lr (see README, "PoLAR learning rates"): the PoLAR
+# reference's ratio to LoRA's rate, and the dev-split choice of benchmarks/results/smollm2_table (selection.csv)
+POLAR_LR_FACTOR = 10.0
 MAX_SEED = 2 ** 19  # plain runs' seeds are below it; lora-ensemble members use [2**31, 2**32) (run.member_seed)
 MAX_ENSEMBLE_SIZE = 2 ** 11
 MEMBER_SEED_BASE = 2 ** 31
@@ -88,7 +90,7 @@ class FitConfig:
     # optimisation
     steps: int = _help("training minibatch steps", 300)
     batch_size: int = _help("questions per minibatch", 8)
-    lr: float = _help("adapter learning rate: LoRA's A, B; PoLAR's Θ and X, Y unless --theta-lr / --stiefel-lr", 1e-3)
+    lr: float = _help("adapter learning rate: LoRA's A, B; PoLAR's X, Y and Θ run at 10 x lr unless --stiefel-lr / --theta-lr", 1e-3)
     head_lr: float = _help("last-layer (guide or point head) learning rate", 1e-2)
     weight_decay: float = _help("lora-map and lora-laplace: adapter weight decay, an L2 term (wd/2)·‖A‖² on the "
                                 "per-example loss (their heads get the prior); other methods use none", 1e-2)
@@ -141,10 +143,10 @@ class FitConfig:
                               "row, Wishart prior on its precision; needs --elbo jensen)", False)
     # PoLAR's own learning rates (LoRA's A, B use lr)
     stiefel_lr: float | None = _help(
-        "PoLAR: learning rate of the Stiefel factors X, Y (None: STIEFEL_LR_FACTOR x lr; geoopt's RiemannianAdam "
+        "PoLAR: learning rate of the Stiefel factors X, Y (None: POLAR_LR_FACTOR = 10 x lr; geoopt's RiemannianAdam "
         "keeps one second moment per matrix, so its steps are about sqrt(n r) times smaller than Adam's at one lr)",
         None)
-    theta_lr: float | None = _help("PoLAR: learning rate of Θ (None: lr)", None)
+    theta_lr: float | None = _help("PoLAR: learning rate of Θ (None: POLAR_LR_FACTOR = 10 x lr)", None)
     landing_lambda: float = _help("--adapter-optimizer landing: λ of the landing field's pull onto the manifold", 1.0)
 
     def __post_init__(self):
@@ -315,9 +317,10 @@ class FitConfig:
 
     @property
     def adapter_learning_rates(self) -> tuple[float, float]:
-        """(Stiefel factors', Θ's) learning rates of PoLAR: ``stiefel_lr`` / ``theta_lr`` or their defaults."""
-        stiefel = self.stiefel_lr if self.stiefel_lr is not None else STIEFEL_LR_FACTOR * self.lr
-        return float(stiefel), float(self.theta_lr if self.theta_lr is not None else self.lr)
+        """(Stiefel factors', Θ's) learning rates of PoLAR: ``stiefel_lr`` / ``theta_lr``, each defaulting to
+        ``POLAR_LR_FACTOR × lr``."""
+        default = POLAR_LR_FACTOR * self.lr
+        return tuple(float(default if rate is None else rate) for rate in (self.stiefel_lr, self.theta_lr))
 
     @property
     def target_module_names(self) -> list[str] | None:

@@ -156,3 +156,26 @@ def test_gpu_prompts_are_cut_or_extended_to_exactly_the_sequence_length(benchmar
     fixed = benchmark("gpu").fixed_length(EncodedTask(None, "letters", items, 5, 512), 7)
     assert [item.sequences[0] for item in fixed.items] == [[3, 1, 2, 3, 1, 2, 3], [3, 4, 5, 6, 7, 8, 9]]
     assert [item.label for item in fixed.items] == [0, 1]
+
+
+def test_committed_table_records_were_made_with_the_grid_settings():
+    """Every committed selection run and cell of the results table matches what its grid file asks for today,
+    so a changed default or grid setting cannot leave records of another configuration behind."""
+    import json
+
+    from bayes_polar.evaluation import table
+
+    results = REPO / "benchmarks" / "results" / "smollm2_table"
+    grid = table.Grid.load(REPO / "benchmarks" / "configs" / "smollm2_table.json")
+    grid.selected = json.loads((results / "selected.json").read_text())
+    runs = [(table.candidate_dir(results, m, i), config) for m, i, _, config in grid.candidates()]
+    runs += [(table.cell_dir(results, t, m, s), config) for t, m, s, config in grid.cells()]
+    finished = [(directory, config) for directory, config in runs if (directory / "metrics.json").exists()]
+    assert len(finished) >= len(list(grid.candidates())), "the selection is committed whole"
+    for directory, config in finished:
+        table._check_finished(directory, config)  # raises ConfigError naming the changed settings
+    import csv
+    rows = list(csv.DictReader(open(results / "selection.csv")))
+    for method, setting in grid.selected.items():
+        best = min((r for r in rows if r["method"] == method), key=lambda r: float(r["dev_nll"]))
+        assert grid.search[method][int(best["setting"])] == setting == json.loads(best["values"]), method

@@ -7,6 +7,7 @@ import pyro
 import pytest
 import torch
 
+from bayes_polar.config import POLAR_LR_FACTOR
 from bayes_polar.bll.laplace import fit_laplace
 from bayes_polar.data.formats import make_loader
 from bayes_polar.run import build_pipeline, encode_eval, load_run, predict, run_fit, split_features
@@ -120,3 +121,13 @@ def test_polar_learning_rates_and_landing_lambda_reach_the_optimiser(data_dir, o
     pyro.clear_param_store()
     lora = {g["name"]: g for g in build_pipeline(replace(config, method="lora-mle")).method.optimizer.param_groups}
     assert lora["euclidean"]["lr"] == 1e-3 and "stiefel" not in lora
+
+
+def test_polar_learning_rates_default_to_ten_times_lr(data_dir):
+    """The default the results table's dev split chose (both PoLAR rates at 10 x lr, the PoLAR reference's
+    ratio to LoRA); an explicit rate still wins."""
+    config = tiny_config(data_dir, method="polar-vbll", lr=2e-3, warmup_steps=0, schedule="constant")
+    assert POLAR_LR_FACTOR == 10 and config.adapter_learning_rates == (2e-2, 2e-2)
+    groups = {g["name"]: g["lr"] for g in build_pipeline(config).method.optimizer.param_groups}
+    assert (groups["stiefel"], groups["euclidean"]) == pytest.approx((2e-2, 2e-2))
+    assert replace(config, theta_lr=1e-3).adapter_learning_rates == pytest.approx((2e-2, 1e-3))
