@@ -53,7 +53,8 @@ def test_schedules_advance_once_per_outer_step(data_dir, method):
     repeated = _learning_rates(tiny_config(data_dir, guide_steps=2, adapter_steps=2, head_warmup_steps=2, **common))
     assert repeated == plain
     factors = [1 - (s - 2) / 4 for s in range(2, 7)]  # after step s + 1: warm-up over 2 steps, then linear decay
-    expected = [(config.lr * f, config.head_lr * f) for f in factors[:1] + factors]
+    adapter_lr = config.adapter_learning_rates[0] if method.startswith("polar") else config.lr  # first group
+    expected = [(adapter_lr * f, config.head_lr * f) for f in factors[:1] + factors]
     assert [x for pair in plain for x in pair] == pytest.approx([x for pair in expected for x in pair])
 
 
