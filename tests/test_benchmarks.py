@@ -175,7 +175,8 @@ def test_committed_table_records_were_made_with_the_grid_settings():
     for directory, config in finished:
         table._check_finished(directory, config)  # raises ConfigError naming the changed settings
     import csv
-    rows = list(csv.DictReader(open(results / "selection.csv")))
+    with open(results / "selection.csv") as f:
+        rows = list(csv.DictReader(f))
     for method, setting in grid.selected.items():
         best = min((r for r in rows if r["method"] == method), key=lambda r: float(r["dev_nll"]))
         assert grid.search[method][int(best["setting"])] == setting == json.loads(best["values"]), method
