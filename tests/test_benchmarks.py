@@ -180,3 +180,34 @@ def test_committed_table_records_were_made_with_the_grid_settings():
     for method, setting in grid.selected.items():
         best = min((r for r in rows if r["method"] == method), key=lambda r: float(r["dev_nll"]))
         assert grid.search[method][int(best["setting"])] == setting == json.loads(best["values"]), method
+
+
+@pytest.mark.integration
+def test_ood_epistemic_decomposes_the_logit_variance_into_spread_and_novelty(benchmark, tmp_path, data_dir):
+    """novelty = φ̃ᵀΣφ̃ / ‖φ̃‖² is a Rayleigh quotient of the posterior covariance, so it lies within
+    Σ's eigenvalues, and a question's mean logit variance lies between spread × λ_min(Σ) and spread × λ_max(Σ)."""
+    import json
+
+    from bayes_polar.config import FitConfig
+    from bayes_polar.run import load_run, run_fit
+
+    run = tmp_path / "run"
+    config = FitConfig(model="tiny-random-llama", task="arc_easy", data_dir=str(data_dir), train_limit=16,
+                       eval_limit=8, steps=4, batch_size=4, layers="-1", rank=4, alpha=8, threads=1,
+                       checkpoint_every=0, max_length=96, eval_batch_size=8, predictive_samples=16, warmup_steps=1)
+    run_fit(config, run, progress=False, log=lambda *_: None)
+    module = benchmark("ood_epistemic")
+    out = tmp_path / "ood.json"
+    result = module.main([str(run), "--ood", "openbookqa", "--limit", "8", "--samples", "16",
+                          "--data-dir", str(data_dir), "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    ood = next(row for row in result["splits"] if row["split"] == "ood:openbookqa")
+    assert ood["questions"] == 8 and all(0 <= ood[f"auroc_{name}"] <= 1 for name in module.SCORES)
+
+    pipe = load_run(run, data_dir=str(data_dir))
+    scores = module.question_scores(pipe, "openbookqa", None, str(data_dir), 8, 16)
+    eigen = torch.linalg.eigvalsh(pipe.method.head.posterior().covariance().double())
+    assert (scores["novelty"] >= eigen.min() * (1 - 1e-6)).all() and (scores["novelty"] <= eigen.max() * (1 + 1e-6)).all()
+    assert (scores["spread"] > 0).all() and (scores["logit_variance"] > 0).all()
+    assert (scores["logit_variance"] <= scores["spread"] * eigen.max() * (1 + 1e-6)).all()
+    assert (scores["logit_variance"] >= scores["spread"] * eigen.min() * (1 - 1e-6)).all()

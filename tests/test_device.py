@@ -64,3 +64,27 @@ def test_move_backbone_casts_without_a_float32_detour():
     model, _ = tiny_random_llama()
     moved = move_backbone(model, torch.device("cpu"), torch.bfloat16)
     assert {p.dtype for p in moved.parameters()} == {torch.bfloat16}
+
+
+def test_half_precision_on_a_cpu_without_native_support_warns_and_still_runs(monkeypatch):
+    """bfloat16 matmuls are emulated (6x float32's time) on CPUs without AVX512-BF16 / AMX: say so."""
+    import warnings
+
+    from bayes_polar.data.backbone import tiny_random_llama
+    from bayes_polar.data.device import emulated_on_cpu
+    from bayes_polar.errors import BayesPolarWarning
+
+    assert emulated_on_cpu(torch.bfloat16, {"avx2": True}) and emulated_on_cpu(torch.float16, {"avx512_bf16": True})
+    assert not emulated_on_cpu(torch.bfloat16, {"avx512_bf16": True}) and not emulated_on_cpu(torch.bfloat16, {"amx_bf16": True})
+    assert not emulated_on_cpu(torch.float32, {})
+    model, _ = tiny_random_llama()
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})
+    with pytest.warns(BayesPolarWarning, match="no native bfloat16 matmuls.*--dtype float32"):
+        moved = move_backbone(model, torch.device("cpu"), torch.bfloat16)
+    assert {p.dtype for p in moved.parameters()} == {torch.bfloat16}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        move_backbone(model, torch.device("cpu"), torch.bfloat16)
+        move_backbone(model, torch.device("cpu"), torch.float32)
+    assert not [w for w in caught if issubclass(w.category, BayesPolarWarning)]
