@@ -48,11 +48,13 @@ def question_scores(pipe, task: str, split: str | None, data_dir, limit: int | N
     torch.manual_seed(pipe.config.seed)
     out: dict[str, list] = {name: [] for name in SCORES}
     for batch in make_loader(encoded, pipe.tokenizer, batch_size=pipe.config.eval_batch_size):
-        drawn = pipe.method.predict_samples(batch, num_samples)
+        pipe.method.model.eval()
+        features = pipe.method.features(batch)  # the head's input: centred, scaled
+        drawn = pipe.method.predict_samples(batch, num_samples, features)
         if drawn["logit_var"] is None:
             raise SystemExit(f"{pipe.config.method} has no Gaussian last layer: no logit variance to decompose")
         scores = uncertainty_scores(drawn["samples"], drawn["mask"], drawn["logit_var"])
-        phi = pipe.method.features(batch).phi.double()  # the head's input: centred, scaled
+        phi = features.phi.double()
         mask = drawn["mask"].double()
         valid = mask.sum(-1).clamp(min=1)
         norm2 = phi.pow(2).sum(-1)  # (B, C)

@@ -150,11 +150,12 @@ class Method:
         return self.sample_proba(batch, num_samples, features).mean(0)
 
     @torch.no_grad()
-    def predict_samples(self, batch, num_samples: int) -> dict:
+    def predict_samples(self, batch, num_samples: int, features: Features | None = None) -> dict:
         """One eval-mode feature pass: ``samples`` (S, B, C) (:meth:`sample_proba`), ``point`` (B, C),
-        ``mask`` (B, C) and ``logit_var`` (B, C) of a Gaussian last layer (None otherwise)."""
+        ``mask`` (B, C) and ``logit_var`` (B, C) of a Gaussian last layer (None otherwise).
+        ``features``: reuse an eval-mode pass."""
         self.model.eval()
-        features = self.features(batch)
+        features = self.features(batch) if features is None else features
         if self.laplace is not None:
             var = logit_variance(self.laplace, features.phi, features.mask)
         else:
