@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # Local mirror of the benchmark data (see ../shared/data/README.md); override with BAYES_POLAR_DATA=...
 export BAYES_POLAR_DATA ?= $(abspath ../shared/data)
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): each test pins torch to 1 thread, so one process per core; 0 runs in-process.
+PYTEST_WORKERS ?= 2
+XDIST := -n $(PYTEST_WORKERS) --dist worksteal
 
 .PHONY: install demo test test-fast test-full gpu-check
 
@@ -22,13 +25,13 @@ demo: install
 	$(BIN)/bayes-polar demo --out runs/demo --overwrite
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow and not notebook" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "not slow and not notebook" $(PYTEST_ARGS)
 
 test-full: install
-	$(BIN)/python -m pytest -m full $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m full $(PYTEST_ARGS)
 
 gpu-check: install  # on a CUDA machine: tests/gpu + benchmarks/gpu.py (~5 min); see benchmarks/README.md
 	PYTHON=$(BIN)/python benchmarks/gpu_check.sh
