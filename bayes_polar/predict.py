@@ -9,7 +9,7 @@ takes questions in the generic schema of :mod:`bayes_polar.data.user_tasks` (dic
 - ``entropy`` = H[E p] (total), ``aleatoric`` = E[H p] and ``epistemic`` = the mutual information
   H[E p] − E[H p], in nats, from the last layer's posterior draws (ensemble members, MC-dropout
   passes; 0 for point methods), so ``entropy = aleatoric + epistemic``;
-- ``logit_variance`` for Gaussian last layers; ``answer`` and ``correct`` when the answer is given.
+- ``logit_variance`` and ``novelty`` (Var(z_c) / ‖φ_c‖²) for Gaussian last layers; ``answer`` and ``correct`` when the answer is given.
 
 :func:`score` gives the usual metrics (acc, ece, nll, brier) of the questions that have answers.
 """
@@ -101,7 +101,7 @@ class Predictor:
     def _batch_results(self, task: Task, batch) -> list[dict]:
         """Results of one batch: the method's draws (S, B, C), cut to each question's own choices."""
         drawn = self.pipe.method.predict_samples(batch, self.num_samples)
-        scores = uncertainty_scores(drawn["samples"], drawn["mask"], drawn["logit_var"])
+        scores = uncertainty_scores(drawn["samples"], drawn["mask"], drawn["logit_var"], drawn["feature_norm2"])
         mean = drawn["samples"].mean(0)
         results = []
         for row, index in enumerate(batch.indices.tolist()):
@@ -119,8 +119,9 @@ def _result(example, probs: torch.Tensor, scores: dict) -> dict:
               "predicted_choice": example.choices[prediction], "confidence": float(probs[prediction]),
               "entropy": scores["entropy"], "aleatoric": scores["aleatoric"],
               "epistemic": scores["mutual_information"]}
-    if "logit_variance" in scores:
-        result["logit_variance"] = scores["logit_variance"]
+    for name in ("logit_variance", "novelty"):  # Gaussian last layers only
+        if name in scores:
+            result[name] = scores[name]
     if example.label is not None:
         result["answer"] = example.label
         result["correct"] = prediction == example.label

@@ -447,7 +447,7 @@ def predict(pipe: Pipeline, encoded: EncodedTask, num_samples: int, progress: bo
         out["point"].append(drawn["point"])
         out["zero_shot"].append(pipe.method.zero_shot_proba(batch, pipe.zero_shot))
         out["labels"].append(batch.labels)
-        for name, value in uncertainty_scores(drawn["samples"], drawn["mask"], drawn["logit_var"]).items():
+        for name, value in uncertainty_scores(drawn["samples"], drawn["mask"], drawn["logit_var"], drawn["feature_norm2"]).items():
             scores.setdefault(name, []).append(value)
     result = {k: torch.cat(v) for k, v in out.items()}
     result["scores"] = {k: torch.cat(v) for k, v in scores.items()}

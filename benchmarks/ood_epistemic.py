@@ -13,7 +13,7 @@ part), ``novelty`` the posterior variance per unit length along them (large in d
 training features did not cover). Each is averaged over a question's valid options. A shifted split
 whose options are more alike than the training task's has a smaller spread, hence less logit
 variance and less mutual information, however novel its directions: this script measures which
-term decides, as AUROCs (OOD positive, larger = more uncertain) of every score against the run's
+term decides (both are :func:`bayes_polar.evaluation.uncertainty.uncertainty_scores` scores), as AUROCs (OOD positive, larger = more uncertain) of every score against the run's
 in-distribution validation split, with each split's mean.
 
     python benchmarks/ood_epistemic.py RUN_DIR --data-dir ../shared/data \\
@@ -48,22 +48,12 @@ def question_scores(pipe, task: str, split: str | None, data_dir, limit: int | N
     torch.manual_seed(pipe.config.seed)
     out: dict[str, list] = {name: [] for name in SCORES}
     for batch in make_loader(encoded, pipe.tokenizer, batch_size=pipe.config.eval_batch_size):
-        pipe.method.model.eval()
-        features = pipe.method.features(batch)  # the head's input: centred, scaled
-        drawn = pipe.method.predict_samples(batch, num_samples, features)
+        drawn = pipe.method.predict_samples(batch, num_samples)  # on the head's centred, scaled features
         if drawn["logit_var"] is None:
             raise SystemExit(f"{pipe.config.method} has no Gaussian last layer: no logit variance to decompose")
-        scores = uncertainty_scores(drawn["samples"], drawn["mask"], drawn["logit_var"])
-        phi = features.phi.double()
-        mask = drawn["mask"].double()
-        valid = mask.sum(-1).clamp(min=1)
-        norm2 = phi.pow(2).sum(-1)  # (B, C)
-        var = drawn["logit_var"].double()
-        novelty = torch.where(norm2 > 0, var / norm2.clamp(min=1e-12), torch.zeros_like(var))
-        for name in ("max_prob", "mutual_information", "logit_variance"):
+        scores = uncertainty_scores(drawn["samples"], drawn["mask"], drawn["logit_var"], drawn["feature_norm2"])
+        for name in SCORES:
             out[name].append(scores[name])
-        out["spread"].append((norm2 * mask).sum(-1) / valid)
-        out["novelty"].append((novelty * mask).sum(-1) / valid)
     return {name: torch.cat(values) for name, values in out.items()}
 
 

@@ -9,6 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bayes_polar.bll.posterior import GaussianWeights
+from bayes_polar.bll.predictive import logit_variance
 from bayes_polar.data.features import Features
 from bayes_polar.errors import InvalidValueError, ShapeMismatchError
 from bayes_polar.evaluation.uncertainty import uncertainty, uncertainty_scores
@@ -73,6 +75,47 @@ def test_logit_variance_averages_valid_choices():
     assert "logit_variance" not in uncertainty_scores(p, mask)
 
 
+def test_novelty_is_the_logit_variance_per_unit_feature_length():
+    # Var(z_c) = ‖φ_c‖² · novelty_c: a masked choice and a zero feature (novelty 0 by definition) are left out
+    p = torch.tensor([[[0.2, 0.3, 0.5, 0.0]]])
+    mask = torch.tensor([[True, True, True, False]])
+    s = uncertainty_scores(p, mask, logit_var=torch.tensor([[2.0, 3.0, 0.0, 9.0]]),
+                           feature_norm2=torch.tensor([[4.0, 1.0, 0.0, 1.0]]))
+    assert s["spread"].item() == pytest.approx(5.0 / 3)
+    assert s["novelty"].item() == pytest.approx((0.5 + 3.0 + 0.0) / 3)
+    assert "novelty" not in uncertainty_scores(p, mask, logit_var=torch.ones(1, 4))
+
+
+def _gaussian_scores(q, phi, mask, scale=1.0):
+    phi = scale * phi
+    var = logit_variance(q, phi, mask)
+    norm2 = phi.pow(2).sum(-1) * mask
+    return uncertainty_scores(torch.full((1, *mask.shape), 1.0 / mask.shape[1]), mask, var, norm2)
+
+
+def test_novelty_ignores_the_feature_scale_and_reads_the_posterior_variance():
+    g = torch.Generator().manual_seed(0)
+    phi, mask = torch.randn(6, 4, 5, generator=g), torch.ones(6, 4, dtype=torch.bool)
+    # isotropic posterior Σ = σ² I: every direction equally uncertain, so novelty = σ² whatever φ is
+    iso = GaussianWeights(torch.zeros(1, 5), diag=torch.full((1, 5), 0.3 ** 2))
+    torch.testing.assert_close(_gaussian_scores(iso, phi, mask)["novelty"], torch.full((6,), 0.09, dtype=torch.float64))
+    # any posterior: scaling the features by a scales spread and logit variance by a², novelty not at all
+    q = GaussianWeights(torch.zeros(1, 5), factor=torch.randn(1, 5, 3, generator=g), diag=torch.rand(1, 5, generator=g))
+    small, large = _gaussian_scores(q, phi, mask), _gaussian_scores(q, phi, mask, scale=7.0)
+    torch.testing.assert_close(large["spread"], 49 * small["spread"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(large["logit_variance"], 49 * small["logit_variance"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(large["novelty"], small["novelty"], rtol=1e-5, atol=0)
+    # the OOD case: options far apart along a direction the posterior is sure of get *more* logit variance
+    # than options close together along one it knows nothing about; novelty ranks them the right way round
+    q = GaussianWeights(torch.zeros(1, 5), diag=torch.tensor([[1e-4, 1.0, 1.0, 1.0, 1.0]]))
+    known, new = torch.zeros(1, 2, 5), torch.zeros(1, 2, 5)
+    known[0, :, 0], new[0, :, 1] = torch.tensor([10.0, -10.0]), torch.tensor([0.05, -0.05])
+    two = torch.ones(1, 2, dtype=torch.bool)
+    a, b = _gaussian_scores(q, known, two), _gaussian_scores(q, new, two)
+    assert a["logit_variance"].item() == pytest.approx(0.01) and b["logit_variance"].item() == pytest.approx(0.0025)
+    assert a["novelty"].item() == pytest.approx(1e-4) and b["novelty"].item() == pytest.approx(1.0)
+
+
 def test_errors_say_what_to_pass():
     with pytest.raises(ShapeMismatchError, match=r"\(S, B, C\)"):
         uncertainty_scores(torch.full((3, 2), 0.5))
@@ -84,6 +127,12 @@ def test_errors_say_what_to_pass():
         uncertainty_scores(torch.full((1, 1, 2), 0.5), torch.ones(2, 2, dtype=torch.bool))
     with pytest.raises(ShapeMismatchError, match="logit_var"):
         uncertainty_scores(torch.full((1, 1, 2), 0.5), logit_var=torch.ones(2))
+    with pytest.raises(InvalidValueError, match="needs logit_var"):
+        uncertainty_scores(torch.full((1, 1, 2), 0.5), feature_norm2=torch.ones(1, 2))
+    with pytest.raises(ShapeMismatchError, match="feature_norm2"):
+        uncertainty_scores(torch.full((1, 1, 2), 0.5), logit_var=torch.ones(1, 2), feature_norm2=torch.ones(2))
+    with pytest.raises(InvalidValueError, match="squared norms"):
+        uncertainty_scores(torch.full((1, 1, 2), 0.5), logit_var=torch.ones(1, 2), feature_norm2=-torch.ones(1, 2))
     with pytest.raises(InvalidValueError, match="No score"):
         uncertainty({}, "nope")
 

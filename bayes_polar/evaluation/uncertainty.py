@@ -15,7 +15,21 @@ point methods. With p̄ = (1/S) Σ_s p_s the averaged predictive:
 so total = aleatoric + epistemic (H is concave, so the difference is ≥ 0 up to rounding; the
 clamp removes the rounding). With ``logit_var`` (B, C), the marginal variances Var(z_c) of a
 Gaussian last layer (VBLL, Laplace), ``logit_variance`` is their mean over the question's valid
-choices. Entropies are in nats; 0 log 0 = 0.
+choices. With ``feature_norm2`` (B, C) too, the squared norms ‖φ_c‖² of the features the head reads,
+the variance Var(z_c) = φ_cᵀ Σ φ_c = ‖φ_c‖² · (φ_cᵀ Σ φ_c / ‖φ_c‖²) splits into a *spread* and a
+*novelty*, each averaged over the valid choices:
+
+.. math::
+    \\text{spread} = \\operatorname{mean}_c \\lVert\\phi_c\\rVert^2, \\qquad
+    \\text{novelty} = \\operatorname{mean}_c \\frac{\\phi_c^\\top \\Sigma\\, \\phi_c}{\\lVert\\phi_c\\rVert^2}
+    \\quad (0 \\text{ where } \\phi_c = 0).
+
+In the ``options`` format φ_c is centred over the question's options, so ``spread`` is how far they
+lie apart (a diagnostic, not an uncertainty) and ``novelty`` the posterior variance per unit length
+along them: invariant to the features' scale, large in directions the training data left
+uncertain. A shifted task whose options are more alike has less logit variance however novel its
+directions (``benchmarks/ood_epistemic.py``); ``novelty`` is the epistemic score that sees past that.
+Entropies are in nats; 0 log 0 = 0.
 
 For every score but ``max_prob`` larger means more uncertain; :data:`HIGHER_IS_CERTAIN` lists the
 exceptions, and :func:`uncertainty` turns any score into "larger = more uncertain".
@@ -27,7 +41,7 @@ from torch import Tensor
 
 from ..errors import InvalidValueError, NumericalError, ShapeMismatchError
 
-SCORES = ("max_prob", "entropy", "aleatoric", "mutual_information", "logit_variance")
+SCORES = ("max_prob", "entropy", "aleatoric", "mutual_information", "logit_variance", "spread", "novelty")
 HIGHER_IS_CERTAIN = ("max_prob",)
 ROW_SUM_ATOL = 1e-4
 
@@ -61,8 +75,9 @@ def _check(sample_proba, mask) -> tuple[Tensor, Tensor | None]:
     return p, mask
 
 
-def uncertainty_scores(sample_proba, mask=None, logit_var=None) -> dict[str, Tensor]:
-    """Per-question scores ``{max_prob, entropy, aleatoric, mutual_information[, logit_variance]}``, each (B,) float64.
+def uncertainty_scores(sample_proba, mask=None, logit_var=None, feature_norm2=None) -> dict[str, Tensor]:
+    """Per-question scores ``{max_prob, entropy, aleatoric, mutual_information[, logit_variance[, spread,
+    novelty]]}``, each (B,) float64.
 
     Parameters
     ----------
@@ -72,6 +87,8 @@ def uncertainty_scores(sample_proba, mask=None, logit_var=None) -> dict[str, Ten
         Which choices exist; checked (no probability on missing choices) and used for ``logit_variance``.
     logit_var : Tensor (B, C), optional
         Marginal logit variances of a Gaussian last layer; adds ``logit_variance`` (mean over valid choices).
+    feature_norm2 : Tensor (B, C), optional
+        ‖φ_c‖² of the head's features (needs ``logit_var``); adds ``spread`` and ``novelty``.
     """
     p, mask = _check(sample_proba, mask)
     mean = p.mean(0)  # (B, C)
@@ -84,7 +101,19 @@ def uncertainty_scores(sample_proba, mask=None, logit_var=None) -> dict[str, Ten
         if tuple(var.shape) != tuple(mean.shape):
             raise ShapeMismatchError(f"logit_var must be (B, C) = {tuple(mean.shape)} but got {tuple(var.shape)}")
         valid = torch.ones_like(mean, dtype=torch.bool) if mask is None else mask
-        scores["logit_variance"] = (var * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+        count = valid.sum(-1).clamp(min=1)
+        scores["logit_variance"] = (var * valid).sum(-1) / count
+        if feature_norm2 is not None:
+            norm2 = torch.as_tensor(feature_norm2).detach().double()
+            if tuple(norm2.shape) != tuple(mean.shape):
+                raise ShapeMismatchError(f"feature_norm2 must be (B, C) = {tuple(mean.shape)} but got {tuple(norm2.shape)}")
+            if (norm2 < 0).any() or not torch.isfinite(norm2).all():
+                raise InvalidValueError("feature_norm2 must be finite squared norms (>= 0)")
+            novelty = torch.where(norm2 > 0, var / norm2.clamp(min=torch.finfo(norm2.dtype).tiny), torch.zeros_like(var))
+            scores["spread"] = (norm2 * valid).sum(-1) / count
+            scores["novelty"] = (novelty * valid).sum(-1) / count
+    elif feature_norm2 is not None:
+        raise InvalidValueError("feature_norm2 needs logit_var (spread and novelty split the logit variance)")
     return scores
 
 

@@ -152,16 +152,18 @@ class Method:
     @torch.no_grad()
     def predict_samples(self, batch, num_samples: int, features: Features | None = None) -> dict:
         """One eval-mode feature pass: ``samples`` (S, B, C) (:meth:`sample_proba`), ``point`` (B, C),
-        ``mask`` (B, C) and ``logit_var`` (B, C) of a Gaussian last layer (None otherwise).
-        ``features``: reuse an eval-mode pass."""
+        ``mask`` (B, C), and ``logit_var`` and ``feature_norm2`` (B, C) (Var(z_c) and ‖φ_c‖², the inputs of
+        :func:`~bayes_polar.evaluation.uncertainty.uncertainty_scores`) of a Gaussian last layer (None
+        otherwise). ``features``: reuse an eval-mode pass."""
         self.model.eval()
         features = self.features(batch) if features is None else features
         if self.laplace is not None:
             var = logit_variance(self.laplace, features.phi, features.mask)
         else:
             var = self.head.logit_variance(features)
+        norm2 = None if var is None else features.phi.pow(2).sum(-1).expand_as(features.mask) * features.mask
         return {"samples": self.sample_proba(batch, num_samples, features), "point": self.head.point_proba(features),
-                "mask": features.mask, "logit_var": var}
+                "mask": features.mask, "logit_var": var, "feature_norm2": norm2}
 
     @torch.no_grad()
     def predict(self, batch, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,7 +320,8 @@ class Ensemble:
             self.method.load_state_tensors(member)
             outs.append(self.method.predict_samples(batch, num_samples))
         samples = torch.cat([out["samples"] for out in outs])
-        return {"samples": samples, "point": samples.mean(0), "mask": outs[0]["mask"], "logit_var": None}
+        return {"samples": samples, "point": samples.mean(0), "mask": outs[0]["mask"], "logit_var": None,
+                "feature_norm2": None}
 
     @torch.no_grad()
     def predict(self, batch, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:

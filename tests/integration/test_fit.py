@@ -35,7 +35,8 @@ def test_fit_then_evaluate_round_trip(tmp_path, data_dir):
     assert {"acc", "ece", "ace", "mce", "cw_ece", "nll", "brier", "n", "point", "zero_shot"} <= set(result)
     assert result["n"] == 12
     assert set(result["selective"]) == {"aurc", "e_aurc", "acc@80", "acc@90"}
-    assert set(result["uncertainty"]) == {"max_prob", "entropy", "aleatoric", "mutual_information", "logit_variance"}
+    assert set(result["uncertainty"]) == {"max_prob", "entropy", "aleatoric", "mutual_information", "logit_variance",
+                                          "spread", "novelty"}
     assert "ood" not in result  # the training task's split is the in-distribution reference
     ood = saved["evaluations"]["openbookqa/validation"]["ood"]
     assert ood["against"] == "arc_easy/validation" and set(ood["auroc"]) == set(result["uncertainty"])

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from bayes_polar.config import METHODS
+from bayes_polar.data.formats import make_loader
 from bayes_polar.run import load_run, predict, encode_eval, run_fit
 
 from .test_fit import tiny_config
@@ -42,7 +43,14 @@ def test_method_fits_evaluates_and_reloads(tmp_path, data_dir, method):
         assert (scores["mutual_information"] == 0).all()  # one draw
     else:  # last-layer draws, members or dropout passes
         assert (scores["mutual_information"] > 0).any()
-    assert ("logit_variance" in scores) == (method in ("polar-vbll", "polar-vbll-la", "lora-vbll", "lora-laplace"))
+    gaussian = method in ("polar-vbll", "polar-vbll-la", "lora-vbll", "lora-laplace")
+    assert {"logit_variance", "spread", "novelty"} <= set(scores) if gaussian else "logit_variance" not in scores
+    if gaussian:  # the spread / novelty split reads the head's own (centred, scaled) features
+        torch.testing.assert_close(scores["logit_variance"] > 0, scores["novelty"] > 0)
+        batch = next(iter(make_loader(encoded, pipe.tokenizer, batch_size=4)))
+        drawn = pipe.method.predict_samples(batch, 8)
+        features = pipe.method.features(batch)
+        torch.testing.assert_close(drawn["feature_norm2"], features.phi.pow(2).sum(-1) * features.mask)
 
 
 def test_zero_shot_row_is_the_base_model(tmp_path, data_dir):

@@ -58,6 +58,7 @@ def test_own_questions_fit_predict_export(tmp_path, capsys):
         assert r["confidence"] == max(r["probabilities"])
         assert min(r["entropy"], r["aleatoric"], r["epistemic"]) >= 0
         assert r["entropy"] == pytest.approx(r["aleatoric"] + r["epistemic"], abs=1e-9)
+        assert r["logit_variance"] > 0 and r["novelty"] > 0  # polar-vbll: a Gaussian last layer
         assert "answer" not in r
     assert max(r["epistemic"] for r in results) > 0  # posterior draws disagree: the decomposition is not trivial
 
