@@ -5,8 +5,9 @@ task/split: acc, ece, ace, mce, cw_ece, nll, brier, n for the method, its point 
 zero-shot LM; the method's selective prediction and mean uncertainty scores; for splits other than
 the training task's, OOD detection AUROC/AUPR per score against it; the adapters' stable rank and
 orthogonality error; the ELBO trace), ``reliability_<task>.png``, ``selective_<task>.png``,
-``elbo.png``, ``adapters.safetensors``, ``head.safetensors`` (their sha256 in ``checksums.json``),
-``layout.json`` and ``zero_shot.safetensors`` (what prediction needs without the training data),
+``elbo.png``, ``adapters.safetensors``, ``head.safetensors``, ``layout.json`` and
+``zero_shot.safetensors`` (what prediction needs without the training data; the four's sha256 in
+``checksums.json``),
 ``checkpoints/`` and the lock file ``.bayes-polar-lock``. Deep ensembles keep one such set per member
 under ``members/<m>/``.
 """
@@ -28,7 +29,7 @@ from .data.backbone import load_backbone
 from .data.device import move_backbone, resolve_device, resolve_dtype
 from .training.checkpoint import (atomic_write_bytes, atomic_write_json, latest_checkpoint, load_checkpoint,
                                   prepare_run_dir)
-from .training.manifest import verify, write_manifest
+from .training.manifest import listed, verify, write_manifest
 from .config import MAX_ENSEMBLE_SIZE, MEMBER_SEED_BASE, FitConfig, read_json, saved_run
 from .errors import (ArtifactError, BayesPolarWarning, CheckpointError, ConfigError, DataFormatError,
                      MissingFileError, NumericalError)
@@ -51,7 +52,7 @@ from .data.prefix_cache import CachedTrunk, model_fingerprint
 from .bll.registry import load_prior
 from .data.tasks import LETTERS, Task, default_split, derived_split, letters_transfer, load_task, split_heldout
 from .data.user_tasks import is_task_path, user_task_spec
-from .run_layout import ZERO_SHOT_FILE, RunLayout
+from .run_layout import FILES as LAYOUT_FILES, ZERO_SHOT_FILE, RunLayout
 from .training.loop import epoch_loader, fit, restore_training_state, training_state
 
 
@@ -383,7 +384,9 @@ def _fit_into(config: FitConfig, run_dir: Path, resume: bool, progress: bool, lo
         ddp.on_main(save_artifacts, pipe, run_dir)
     if not ddp.is_main():
         return {}
-    RunLayout.of(pipe).save(run_dir, pipe.zero_shot)  # ensembles: once for the run, besides each member's
+    if config.method == "lora-ensemble":  # once for the run, besides each member's (save_artifacts)
+        RunLayout.of(pipe).save(run_dir, pipe.zero_shot)
+        write_manifest(run_dir, LAYOUT_FILES)
     trace_name, trace = info.pop("trace_name"), info.pop("trace")
     metrics = {"method": config.method, "task": config.task, "format": config.format,
                "backbone": backbone_placement(pipe.model), "train": info,
@@ -544,12 +547,21 @@ def save_artifacts(pipe: Pipeline, run_dir: Path) -> None:
     head = {k: v.contiguous() for k, v in pipe.method.state_tensors().items() if not k.startswith("adapter.")}
     atomic_write_bytes(run_dir / ARTIFACTS[1], save(head, metadata={"method": pipe.config.method}))
     RunLayout.of(pipe).save(run_dir, pipe.zero_shot)
-    write_manifest(run_dir, ARTIFACTS)
+    write_manifest(run_dir, ARTIFACTS + LAYOUT_FILES)
 
 
 def _load_artifacts(pipe: Pipeline, run_dir: Path) -> None:
     load_adapters(pipe.model, _verified(run_dir, ARTIFACTS[0]))
     pipe.method.load_head_tensors(_saved_head(run_dir))
+
+
+def _saved_layout(run_dir: Path):
+    """:meth:`RunLayout.load`, its files verified against the manifest where it lists them (older runs'
+    manifests do not)."""
+    if listed(run_dir, LAYOUT_FILES[0]):
+        for name in LAYOUT_FILES:
+            _verified(run_dir, name)
+    return RunLayout.load(run_dir)
 
 
 def _saved_head(run_dir: Path) -> dict:
@@ -600,7 +612,7 @@ def load_run(run_dir, data_dir=None, **options) -> Pipeline:
     no code and no write path.
     """
     run_dir = Path(run_dir)
-    layout = RunLayout.load(run_dir)
+    layout = _saved_layout(run_dir)
     with saved_run() if layout is not None else contextlib.nullcontext():  # its tasks need not exist now
         config = loading_config(run_dir, **options)
         return _load_run(run_dir, config, layout, data_dir)
@@ -612,7 +624,7 @@ def _load_run(run_dir: Path, config: FitConfig, layout, data_dir) -> Pipeline:
         for m in range(config.ensemble_size):
             member_dir = run_dir / "members" / str(m)
             member_config, seed = _member_config(config, m)
-            pipe = build_pipeline(member_config, data_dir, store, layout=layout or RunLayout.load(member_dir),
+            pipe = build_pipeline(member_config, data_dir, store, layout=layout or _saved_layout(member_dir),
                                   saved=_saved_head(member_dir), seed=seed)
             store = pipe.method.extractor.trunk.store if pipe.method.extractor.trunk is not None else None
             _load_artifacts(pipe, member_dir)

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from .errors import ArtifactError, ConfigError
 
 LAYOUT_FILE = "layout.json"
 ZERO_SHOT_FILE = "zero_shot.safetensors"
+FILES = (LAYOUT_FILE, ZERO_SHOT_FILE)  # in the run's sha256 manifest (runs since they were added to it)
 VERSION = 1
 
 
@@ -72,14 +73,15 @@ class RunLayout:
                               f"than the run's {self.answer_ids}")
 
     def save(self, run_dir: Path, zero_shot: torch.Tensor) -> None:
-        from safetensors.torch import save_file
+        """Both files, each written atomically (the caller lists them in the run's sha256 manifest)."""
+        from safetensors.torch import save
 
-        from .training.checkpoint import atomic_write_json
+        from .training.checkpoint import atomic_write_bytes, atomic_write_json
 
         values = {k: v for k, v in self.__dict__.items() if k != "where"}
         atomic_write_json(run_dir / LAYOUT_FILE, {"version": VERSION, **values, "answer_words": list(self.answer_words),
                                                   "answer_ids": list(self.answer_ids)})
-        save_file({"weight": zero_shot.contiguous()}, run_dir / ZERO_SHOT_FILE)
+        atomic_write_bytes(run_dir / ZERO_SHOT_FILE, save({"weight": zero_shot.contiguous()}))
 
     @classmethod
     def load(cls, run_dir: Path) -> tuple["RunLayout", torch.Tensor] | None:
@@ -96,4 +98,8 @@ class RunLayout:
                             "answer_ids": tuple(values["answer_ids"]), "where": str(path)})
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ConfigError(f"Cannot read the run layout {path}: {exc}") from None
-        return layout, load_file(run_dir / ZERO_SHOT_FILE)["weight"]
+        try:
+            return layout, load_file(run_dir / ZERO_SHOT_FILE)["weight"]
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a bad header
+            raise ArtifactError(f"{run_dir / ZERO_SHOT_FILE} does not hold a zero-shot head ({exc}); fit the run "
+                                "again") from None

@@ -2,8 +2,8 @@
 
 A manifest is a JSON file ``{"files": {name: {"size": n, "sha256": hex}}}`` next to the files it
 lists, written atomically *after* them, so it never vouches for a file that is not complete.
-``RUN_DIR/checksums.json`` lists ``adapters.safetensors`` and ``head.safetensors`` (each ensemble
-member's folder has its own); every prefix-cache file ``X.safetensors`` has ``X.checksums.json``.
+``RUN_DIR/checksums.json`` lists ``adapters.safetensors``, ``head.safetensors``, ``layout.json`` and
+``zero_shot.safetensors`` (each ensemble member's folder has its own; an ensemble's lists the last two); every prefix-cache file ``X.safetensors`` has ``X.checksums.json``.
 :func:`verify` raises :class:`~bayes_polar.errors.ArtifactError` naming the file and what is wrong.
 
 Usage::
@@ -32,6 +32,14 @@ def write_manifest(folder, names, manifest: str = MANIFEST) -> Path:
     """Checksum ``names`` (files in ``folder``, already written) into ``folder/manifest`` atomically."""
     folder = Path(folder)
     return atomic_write_json(folder / manifest, {"files": {name: _entry(folder / name) for name in names}})
+
+
+def listed(folder, name: str, manifest: str = MANIFEST) -> bool:
+    """Whether ``folder/manifest`` exists and lists ``name`` (files added to a manifest later than others)."""
+    try:
+        return name in json.loads((Path(folder) / manifest).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def verify(folder, name: str, manifest: str = MANIFEST) -> Path:

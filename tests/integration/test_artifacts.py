@@ -101,6 +101,31 @@ def test_a_corrupt_final_head_is_an_error_naming_it(capsys, cached, tmp_path):
     assert (run / "metrics.json").read_bytes() == before
 
 
+@pytest.mark.parametrize("name", ["zero_shot.safetensors", "layout.json"])
+def test_a_corrupt_run_layout_is_an_error_naming_it(capsys, cached, tmp_path, data_dir, name):
+    """What prediction reads besides the weights is in the run's manifest too: a flipped bit is caught."""
+    run = tmp_path / "run"
+    shutil.copytree(cached[0], run)
+    assert {"layout.json", "zero_shot.safetensors"} <= set(json.loads((run / "checksums.json").read_text())["files"])
+    before = (run / "metrics.json").read_bytes()
+    if name == "layout.json":
+        values = json.loads((run / name).read_text())
+        (run / name).write_text(json.dumps({**values, "train_examples": values["train_examples"] + 1}))
+    else:
+        _flip_signs(run / name)
+    for argv in (["evaluate", str(run), "--task", "arc_easy", "--limit", "4"], ["predict", str(run), "--input",
+                 str(tmp_path / "missing.jsonl")]):
+        line = _error(*_run(capsys, argv))
+        assert f"{run / name} has " in line and ("(corrupted)" in line or "(truncated?)" in line), line
+        assert "run the same bayes-polar fit again with --resume to rewrite it" in line
+    assert (run / "metrics.json").read_bytes() == before
+    argv = ["fit", "--out", str(run), "--data-dir", str(data_dir), "--cache-dir", str(cached[1]), *TINY, "--resume"]
+    code, err = _run(capsys, argv)  # what the message says to do
+    assert code == 0, err
+    assert (run / name).read_bytes() == (cached[0] / name).read_bytes()
+    assert _run(capsys, ["evaluate", str(run), "--task", "arc_easy", "--limit", "4"])[0] == 0
+
+
 def test_a_head_missing_after_a_kill_is_rewritten_by_resume(capsys, tmp_path, data_dir):
     run = tmp_path / "run"
     argv = ["fit", "--out", str(run), "--data-dir", str(data_dir), *TINY]

@@ -11,6 +11,7 @@ import pytest
 from bayes_polar.cli import main
 from bayes_polar.errors import BayesPolarWarning
 from bayes_polar.training.checkpoint import latest_checkpoint, load_checkpoint
+from bayes_polar.training.manifest import write_manifest
 
 pytestmark = pytest.mark.integration
 TINY = ["--model", "tiny-random-llama", "--threads", "1", "--quiet", "--layers=-1", "--rank", "2",
@@ -101,6 +102,7 @@ def test_remote_code_named_by_the_run_needs_trust_remote_code_on_this_command(ca
     run = crafted(model=str(folder), trust_remote_code=True)
     for name in ("layout.json", "zero_shot.safetensors"):  # its layout would refuse the swapped backbone class
         (run / name).unlink()
+    write_manifest(run, ["adapters.safetensors", "head.safetensors"])  # as a run made before they were saved
     code, err = _evaluate(capsys, run)
     assert code == 1 and not marker.exists(), err
     assert "sets trust_remote_code" in err and "pass --trust-remote-code" in err

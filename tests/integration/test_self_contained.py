@@ -8,6 +8,7 @@ import torch
 from bayes_polar.config import FitConfig
 from bayes_polar.data.tasks import load_task
 from bayes_polar.run import encode_for, load_run, predict, run_fit
+from bayes_polar.training.manifest import write_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -67,5 +68,7 @@ def test_load_run_needs_no_training_data(tmp_path, data_dir, method, format):
         layout = tmp_path / "run" / "layout.json"
         values = json.loads(layout.read_text())
         layout.write_text(json.dumps({**values, "hidden_size": values["hidden_size"] + 1}))
+        write_manifest(tmp_path / "run", ["adapters.safetensors", "head.safetensors", "layout.json",
+                                          "zero_shot.safetensors"])  # a consistent run of another backbone
         with pytest.raises(ConfigError, match=r"layout.json: the run was trained on 'tiny-random-llama'"):
             load_run(tmp_path / "run")
