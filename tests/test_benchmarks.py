@@ -182,6 +182,20 @@ def test_committed_table_records_were_made_with_the_grid_settings():
         assert grid.search[method][int(best["setting"])] == setting == json.loads(best["values"]), method
 
 
+@pytest.mark.parametrize("name", ["smollm2_table.json", "smollm2_table_wide.json"])
+def test_table_grids_are_valid_and_keep_the_protocol_budget(name):
+    """A committed grid loads, passes Grid.check (every setting a valid configuration) and gives every method
+    at most MAX_SETTINGS candidates (issue 15 item 8)."""
+    from bayes_polar.evaluation import table
+
+    grid = table.Grid.load(REPO / "benchmarks" / "configs" / name)
+    grid.check()
+    counts = {}
+    for method, *_ in grid.candidates():
+        counts[method] = counts.get(method, 0) + 1
+    assert counts and max(counts.values()) <= table.MAX_SETTINGS
+
+
 @pytest.mark.integration
 def test_ood_epistemic_decomposes_the_logit_variance_into_spread_and_novelty(benchmark, tmp_path, data_dir):
     """novelty = φ̃ᵀΣφ̃ / ‖φ̃‖² is a Rayleigh quotient of the posterior covariance, so it lies within

@@ -82,6 +82,25 @@ def test_landing_field_matches_its_formula():
     torch.testing.assert_close(q.T @ field, -(q.T @ field).T, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("rows", [32, 576])
+def test_riemannian_adam_step_is_lr_in_frobenius_norm_and_adam_s_is_lr_per_entry(rows):
+    """What PoLAR's learning rates mean (config ``stiefel_lr``): geoopt keeps one second moment per
+    matrix, so a first step moves a Stiefel factor by ≈ lr in Frobenius norm whatever its size, while
+    Adam moves every entry by ≈ lr (lr·√(n r) in Frobenius norm, as LoRA's A and B)."""
+    torch.manual_seed(0)
+    manifold, lr, rank = geoopt.EuclideanStiefel(), 1e-3, 8
+    x = geoopt.ManifoldParameter(manifold.random(rows, rank, dtype=torch.float64), manifold=manifold)
+    a = torch.nn.Parameter(torch.randn(rows, rank, dtype=torch.float64))
+    start_x, start_a = x.detach().clone(), a.detach().clone()
+    grad = torch.randn(rows, rank, dtype=torch.float64)
+    x.grad, a.grad = grad.clone(), grad.clone()
+    make_adapter_optimizer([dict(params=[x], lr=lr)], "riemannian_adam").step()
+    torch.optim.Adam([a], lr=lr).step()
+    torch.testing.assert_close((x.detach() - start_x).norm().item(), lr, rtol=1e-3, atol=0)
+    torch.testing.assert_close((a.detach() - start_a).abs().max().item(), lr, rtol=1e-6, atol=0)
+    assert (a.detach() - start_a).norm().item() == pytest.approx(lr * (rows * rank) ** 0.5, rel=1e-6)
+
+
 def test_param_groups_split_stiefel_and_euclidean(tiny_llama):
     model, _ = tiny_llama
     inject_polar(model, rank=4)
