@@ -7,7 +7,7 @@ import pyro
 import pytest
 import torch
 
-from bayes_polar.config import POLAR_LR_FACTOR
+from bayes_polar.config import POLAR_LR_FACTOR, STIEFEL_LR
 from bayes_polar.bll.laplace import fit_laplace
 from bayes_polar.data.formats import make_loader
 from bayes_polar.run import build_pipeline, encode_eval, load_run, predict, run_fit, split_features
@@ -124,11 +124,15 @@ def test_polar_learning_rates_and_landing_lambda_reach_the_optimiser(data_dir, o
     assert lora["euclidean"]["lr"] == 1e-3 and "stiefel" not in lora
 
 
-def test_polar_learning_rates_default_to_ten_times_lr(data_dir):
-    """The default the results table's dev split chose (both PoLAR rates at 10 x lr, the PoLAR reference's
-    ratio to LoRA); an explicit rate still wins."""
+def test_polar_learning_rates_default_to_the_protocol_s_choice(data_dir):
+    """The defaults the results table's dev split chose for polar-vbll: X, Y at STIEFEL_LR = 0.1 whatever lr
+    (a Frobenius step length under RiemannianAdam), Θ at 10 x lr; an explicit rate still wins."""
     config = tiny_config(data_dir, method="polar-vbll", lr=2e-3, warmup_steps=0, schedule="constant")
-    assert POLAR_LR_FACTOR == 10 and config.adapter_learning_rates == (2e-2, 2e-2)
+    assert (STIEFEL_LR, POLAR_LR_FACTOR) == (0.1, 10) and config.adapter_learning_rates == (0.1, 2e-2)
+    assert replace(config, lr=1e-3).adapter_learning_rates == (0.1, 1e-2)
     groups = {g["name"]: g["lr"] for g in build_pipeline(config).method.optimizer.param_groups}
-    assert (groups["stiefel"], groups["euclidean"]) == pytest.approx((2e-2, 2e-2))
-    assert replace(config, theta_lr=1e-3).adapter_learning_rates == pytest.approx((2e-2, 1e-3))
+    assert (groups["stiefel"], groups["euclidean"]) == pytest.approx((0.1, 2e-2))
+    assert replace(config, theta_lr=1e-3).adapter_learning_rates == pytest.approx((0.1, 1e-3))
+    assert replace(config, stiefel_lr=3e-2).adapter_learning_rates == pytest.approx((3e-2, 2e-2))
+    # landing's AdamW steps every entry by lr, as LoRA's: there X, Y keep 10 x lr
+    assert replace(config, adapter_optimizer="landing").adapter_learning_rates == pytest.approx((2e-2, 2e-2))
