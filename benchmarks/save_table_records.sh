@@ -1,7 +1,9 @@
 #!/bin/bash
-# Write the table of the cells finished in runs/table (bayes-polar table --report-only) and copy it, the
-# selection and every finished cell's metrics.json and config.json (machine paths removed) into
-# benchmarks/results/smollm2_table/, so that a grid run over several sessions keeps its results.
+# Write the table of the cells finished in OUT (bayes-polar table --report-only) and copy it, the selection
+# and every finished cell's metrics.json and config.json (machine paths removed) into DEST, so that a grid
+# run over several sessions keeps its results.
+#   benchmarks/save_table_records.sh [CONFIG [OUT [DEST]]]
+# defaults: benchmarks/configs/smollm2_table.json, runs/table, benchmarks/results/smollm2_table.
 # Continue in a new session:
 #   mkdir -p runs/table && cp -r benchmarks/results/smollm2_table/{cells,select} runs/table/
 #   bayes-polar table --config benchmarks/configs/smollm2_table.json --out runs/table --jobs 2
@@ -9,13 +11,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
-OUT=runs/table
-DEST=benchmarks/results/smollm2_table
-bayes-polar table --config benchmarks/configs/smollm2_table.json --out "$OUT" --report-only --quiet > /dev/null
+CONFIG=${1:-benchmarks/configs/smollm2_table.json}
+OUT=${2:-runs/table}
+DEST=${3:-benchmarks/results/smollm2_table}
+bayes-polar table --config "$CONFIG" --out "$OUT" --report-only --quiet > /dev/null
 mkdir -p "$DEST"
 # a task that left the grid leaves no figure behind; a task whose cells here have no saved predictions (all
 # copied from another clone) keeps its committed figure
-python - benchmarks/configs/smollm2_table.json "$DEST" <<'PY'
+python - "$CONFIG" "$DEST" <<'PY'
 import json, pathlib, sys
 tasks = json.load(open(sys.argv[1]))["tasks"]
 for figure in pathlib.Path(sys.argv[2]).glob("reliability_*.png"):
