@@ -158,15 +158,16 @@ def test_gpu_prompts_are_cut_or_extended_to_exactly_the_sequence_length(benchmar
     assert [item.label for item in fixed.items] == [0, 1]
 
 
-def test_committed_table_records_were_made_with_the_grid_settings():
-    """Every committed selection run and cell of the results table matches what its grid file asks for today,
+@pytest.mark.parametrize("name", ["smollm2_table", "smollm2_table_wide"])
+def test_committed_table_records_were_made_with_the_grid_settings(name):
+    """Every committed selection run and cell of a results table matches what its grid file asks for today,
     so a changed default or grid setting cannot leave records of another configuration behind."""
     import json
 
     from bayes_polar.evaluation import table
 
-    results = REPO / "benchmarks" / "results" / "smollm2_table"
-    grid = table.Grid.load(REPO / "benchmarks" / "configs" / "smollm2_table.json")
+    results = REPO / "benchmarks" / "results" / name
+    grid = table.Grid.load(REPO / "benchmarks" / "configs" / f"{name}.json")
     grid.selected = json.loads((results / "selected.json").read_text())
     runs = [(table.candidate_dir(results, m, i), config) for m, i, _, config in grid.candidates()]
     runs += [(table.cell_dir(results, t, m, s), config) for t, m, s, config in grid.cells()]
