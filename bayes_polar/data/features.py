@@ -143,7 +143,11 @@ def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     The LM head, then Gemma 2/3's final soft-capping where the config sets one,
     :math:`z \leftarrow c \tanh(z / c)` with ``c = config.final_logit_softcapping``.
     """
-    logits = model.get_output_embeddings()(hidden).float()
+    return final_softcap(model, model.get_output_embeddings()(hidden).float())
+
+
+def final_softcap(model, logits: torch.Tensor) -> torch.Tensor:
+    r""":math:`c \tanh(z / c)` with ``c = config.final_logit_softcapping`` (Gemma 2/3); ``logits`` where unset."""
     cap = getattr(model.config, "final_logit_softcapping", None)
     return logits if cap is None else torch.tanh(logits / cap) * cap
 

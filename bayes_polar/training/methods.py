@@ -33,7 +33,7 @@ from ..adapters import adapter_state_dict, adapters_disabled, inject_lora, injec
 from ..adapters.inject import find_blocks, resolve_layers
 from ..config import FitConfig
 from ..errors import ConfigError, NumericalError
-from ..data.features import FeatureExtractor, Features, check_finite_features
+from ..data.features import FeatureExtractor, Features, check_finite_features, final_softcap
 from ..bll.model import head_logits, prior_scale
 from .trainable_heads import PointHead, VariationalHead
 from ..bll.laplace import fit_laplace
@@ -173,11 +173,18 @@ class Method:
 
     @torch.no_grad()
     def zero_shot_proba(self, batch, weights: torch.Tensor) -> torch.Tensor:
-        """(B, C) probabilities of the zero-shot LM: adapters disabled, head at ``weights``."""
+        """(B, C) probabilities of the zero-shot LM: adapters disabled, head at ``weights``.
+
+        ``letters``: z = w₀ᵀφ are the LM's answer-token logits, soft-capped as its own forward caps them
+        (Gemma 2/3), so this is the LM's distribution over the answer words.
+        """
         self.model.eval()
         with adapters_disabled(self.model):
             features = self.features(batch)
-        return head_logits(weights, features.phi, features.mask).softmax(-1)
+        logits = head_logits(weights, features.phi)
+        if features.phi.shape[1] == 1:
+            logits = final_softcap(self.model, logits)
+        return logits.masked_fill(~features.mask, float("-inf")).softmax(-1)
 
     @torch.no_grad()
     def fit_temperature(self, loader) -> float:

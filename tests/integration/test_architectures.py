@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from bayes_polar.adapters import inject_polar, make_adapter_optimizer, orthogonality_error, polar_layers
+from bayes_polar.adapters import adapters_disabled, inject_polar, make_adapter_optimizer, orthogonality_error, polar_layers
 from bayes_polar.adapters.architectures import FAMILIES, supported_families
 from bayes_polar.data.features import FeatureExtractor, FullTrunk, option_loglik
 from bayes_polar.data.formats import encode_task, make_loader
@@ -20,7 +20,7 @@ from bayes_polar.data.prefix_cache import CachedTrunk
 from bayes_polar.data.tasks import Example, Task
 from bayes_polar.errors import UnsupportedArchitectureError
 from bayes_polar.export import export_run
-from bayes_polar.run import load_run, run_fit
+from bayes_polar.run import build_pipeline, load_run, run_fit
 
 from .test_fit import tiny_config
 
@@ -170,6 +170,22 @@ def test_fit_in_both_formats_and_export(model_type, tokenizer, data_dir, tmp_pat
                 peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder),
                                                        tmp_path / f"export-{fmt}" / "peft")
             assert (_logits(peft_model, tokenizer) - adapted).abs().max() <= 1e-5
+
+
+def test_letters_zero_shot_is_the_lm_s_own_answer_distribution_softcap_included(tokenizer, data_dir, tmp_path):
+    """Gemma 2 soft-caps its final logits (cap 0.5 here, which bites): the zero-shot row must too."""
+    folder = tmp_path / "gemma2"
+    tiny_model("gemma2", tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    pipe = build_pipeline(tiny_config(data_dir, model=str(folder), format="letters", method="lora-mle", train_limit=4,
+                                      max_length=64, rank=2, alpha=4, layers="-1"))
+    answer_ids = torch.tensor(pipe.train.answer_ids)
+    for batch in make_loader(pipe.train, pipe.tokenizer, batch_size=1):  # no padding: the plain forward is exact
+        with torch.no_grad(), adapters_disabled(pipe.model):
+            lm = pipe.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, -1, answer_ids]
+        expected = lm.float().masked_fill(~batch.choice_mask, float("-inf")).softmax(-1)
+        assert lm.abs().max() <= 0.5
+        torch.testing.assert_close(pipe.method.zero_shot_proba(batch, pipe.zero_shot), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_a_family_without_defaults_is_refused_with_the_supported_list(tokenizer):
