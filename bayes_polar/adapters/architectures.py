@@ -12,7 +12,7 @@ one ``qkv_proj`` (Phi-3) or ``query_key_value`` (GPT-NeoX) where the family fuse
 Family quirks handled elsewhere: Gemma 2/3's final logit soft-capping is applied by
 :func:`~bayes_polar.data.features.lm_logits` (the options format's log-likelihood features); their
 sliding-window layers and Gemma's scaled embeddings are inside transformers' own decoder, so the
-prefix cache needs nothing of its own.
+prefix cache needs nothing of its own; so are Qwen3's query/key norms.
 
 A model of another family can still be adapted when its blocks are found: pass ``target_modules``
 explicitly. Only asking for the default targets, or a decoder whose blocks cannot be found, raises
@@ -29,6 +29,8 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "llama": ("Llama", ("q_proj", "v_proj")),
     "mistral": ("Mistral", ("q_proj", "v_proj")),
     "qwen2": ("Qwen2 / Qwen2.5", ("q_proj", "v_proj")),
+    "qwen3": ("Qwen3", ("q_proj", "v_proj")),
+    "gemma": ("Gemma", ("q_proj", "v_proj")),
     "gemma2": ("Gemma 2", ("q_proj", "v_proj")),
     "gemma3_text": ("Gemma 3 (text, Gemma3ForCausalLM)", ("q_proj", "v_proj")),
     "phi3": ("Phi-3", ("qkv_proj",)),

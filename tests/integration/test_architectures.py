@@ -34,6 +34,8 @@ CONFIGS = {  # model_type -> (config class, family-specific settings)
     "llama": (transformers.LlamaConfig, ATTENTION),
     "mistral": (transformers.MistralConfig, dict(ATTENTION, sliding_window=8)),
     "qwen2": (transformers.Qwen2Config, ATTENTION),
+    "qwen3": (transformers.Qwen3Config, dict(ATTENTION, head_dim=8)),
+    "gemma": (transformers.GemmaConfig, dict(num_key_value_heads=2, head_dim=8)),
     "gemma2": (transformers.Gemma2Config, dict(GEMMA, attn_logit_softcapping=10.0)),
     "gemma3_text": (transformers.Gemma3TextConfig, GEMMA),
     "phi3": (transformers.Phi3Config, ATTENTION),
@@ -55,7 +57,7 @@ def _task():
 def tiny_model(model_type, tokenizer, num_layers=2, seed=0):
     """A random-init causal LM of the family with SmolLM2's vocabulary, in eval mode and frozen."""
     config_class, settings = CONFIGS[model_type]
-    extra = dict(layer_types=(LAYER_TYPES * num_layers)[:num_layers]) if model_type.startswith("gemma") else {}
+    extra = dict(layer_types=(LAYER_TYPES * num_layers)[:num_layers]) if model_type in ("gemma2", "gemma3_text") else {}
     config = config_class(vocab_size=len(tokenizer), num_hidden_layers=num_layers, pad_token_id=tokenizer.pad_token_id,
                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **SIZES,
                           **settings, **extra)
