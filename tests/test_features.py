@@ -1,10 +1,12 @@
 """Features equal what the full causal LM computes, with and without left padding."""
+import pytest
 import torch
 import torch.nn.functional as F
 
 from bayes_polar.data.features import FeatureExtractor, answer_head_rows, extract_features, position_ids_from_mask
 from bayes_polar.data.formats import encode_task, make_loader
 from bayes_polar.data.tasks import Example, Task
+from bayes_polar.errors import UnsupportedArchitectureError
 
 EXAMPLES = [
     Example("Which gas do plants absorb from the air?", ("oxygen", "carbon dioxide", "nitrogen"), 1, "a"),
@@ -29,6 +31,17 @@ def test_letters_features_reproduce_the_lm_logits(tiny_llama):
         ids = torch.tensor([item.sequences[0]])
         full = model(ids).logits[0, -1, enc.answer_ids]
         torch.testing.assert_close(logits[b], full, atol=1e-5, rtol=1e-5)
+
+
+def test_letters_head_rows_refuse_an_lm_head_with_a_bias(tiny_llama):
+    model, _ = tiny_llama
+    head = model.get_output_embeddings()
+    head.bias = torch.nn.Parameter(torch.zeros(head.out_features))  # as Phi-2's lm_head has
+    try:
+        with pytest.raises(UnsupportedArchitectureError, match="format='options'"):
+            answer_head_rows(model, [1, 2])
+    finally:
+        head.bias = None
 
 
 def test_option_loglik_matches_the_lm(tiny_llama):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import NumericalError
+from ..errors import NumericalError, UnsupportedArchitectureError
 from .formats import Batch, check_format
 from .normalization import FeatureScaling, head_features
 
@@ -153,8 +153,17 @@ def final_softcap(model, logits: torch.Tensor) -> torch.Tensor:
 
 
 def answer_head_rows(model, answer_ids: list[int]) -> torch.Tensor:
-    """(C, d) rows of the LM head for the answer tokens: the zero-shot letters classifier."""
-    weight = model.get_output_embeddings().weight
+    """(C, d) rows of the LM head for the answer tokens: the zero-shot letters classifier.
+
+    Raises :class:`~bayes_polar.errors.UnsupportedArchitectureError` for an LM head with a bias (Phi-2):
+    the bias-free head z = Wφ could not reproduce the LM's answer logits.
+    """
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__}'s LM head has a bias, which the letters-format head (z = W phi, no bias) cannot "
+            "carry: use format='options' (--format options) for this model")
+    weight = head.weight
     return weight[torch.tensor(answer_ids, device=weight.device)].detach().float().cpu().clone()
 
 
