@@ -26,7 +26,9 @@ takes its members' method's); ``"task_overrides"`` sets per-task keys (OpenBookQ
 Before any table cell, every candidate is fitted on ``select_on``'s ``train-fit`` split (seed
 ``seeds[0]``) in ``OUT/select/<method>/setting<i>`` and scored on ``train-heldout`` (the last 10 % of
 the training split, the slice temperature scaling holds out): the one with the lowest dev NLL is
-used for that method in every task and seed. The reported splits are never used for a choice. The
+used for that method in every task and seed. ``"select_seeds": n`` (default 1) fits each candidate
+with the first n seeds instead (``setting<i>-seed<s>`` for the later ones) and ranks the mean dev NLL,
+a choice less at the mercy of one seed's noise. The reported splits are never used for a choice. The
 choice goes to ``OUT/selection.csv`` / ``OUT/selected.json`` and into ``table.md``.
 """
 from __future__ import annotations
@@ -66,12 +68,13 @@ class Grid:
     task_overrides: dict[str, dict] = field(default_factory=dict)
     search: dict[str, list[dict] | str] = field(default_factory=dict)
     select_on: str | None = None  # the task settings are chosen on (default: the first task)
+    select_seeds: int = 1  # the first n of ``seeds`` each candidate is fitted with (its dev NLL is their mean)
     selected: dict[str, dict] = field(default_factory=dict)  # method -> chosen setting (filled by run_grid)
 
     @classmethod
     def load(cls, path) -> "Grid":
         values = read_json(path, "the grid file")
-        keys = {"base", "methods", "tasks", "seeds", "ood", "task_overrides", "search", "select_on"}
+        keys = {"base", "methods", "tasks", "seeds", "ood", "task_overrides", "search", "select_on", "select_seeds"}
         unknown = set(values) - keys
         if unknown:
             raise ConfigError(f"Unknown grid keys {sorted(unknown)} in {path}; known keys: {sorted(keys)}")
@@ -88,6 +91,9 @@ class Grid:
         if bad:
             raise ConfigError(f"Unknown methods {bad}; expected some of {METHODS}")
         FitConfig.from_dict(self.base)  # fail early on a bad base configuration
+        if not (isinstance(self.select_seeds, int) and 1 <= self.select_seeds <= len(self.seeds)):
+            raise ConfigError(f"select_seeds must be a whole number from 1 to the grid's {len(self.seeds)} seeds, "
+                              f"got {self.select_seeds!r}")
         for task, values in self.task_overrides.items():
             _check_setting(values, f"task_overrides[{task!r}]")
             FitConfig.from_dict({**self.base, **values, "task": task})
@@ -111,16 +117,17 @@ class Grid:
         return self.select_on or self.tasks[0]
 
     def candidates(self):
-        """``(method, index, setting, FitConfig)`` for every setting to choose between (seed ``seeds[0]``)."""
+        """A :class:`Candidate` for every setting to choose between and every seed it is fitted with."""
         task = self.selection_task
         for method in self.methods:
             settings = self.search.get(method)
             if not isinstance(settings, list) or len(settings) < 2:
                 continue  # nothing to choose (no search, one setting, or another method's choice)
             for index, setting in enumerate(settings):
-                yield method, index, setting, self._config(task, method, self.seeds[0], setting,
-                                                           train_split="train-fit",
-                                                           eval_tasks=f"{task}:{SELECTION_SPLIT}")
+                for seed in self.seeds[:self.select_seeds]:
+                    config = self._config(task, method, seed, setting, train_split="train-fit",
+                                          eval_tasks=f"{task}:{SELECTION_SPLIT}")
+                    yield Candidate(method, index, seed, setting, config, seed != self.seeds[0])
 
     def setting(self, method: str) -> dict:
         """The setting ``method`` runs with in the table: the chosen one, the only one, or none (``base``)."""
@@ -152,6 +159,26 @@ class Grid:
                                     "method": method, "seed": seed, **cell})
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """One candidate setting of one method, fitted with one seed on the selection task's ``train-fit``."""
+
+    method: str
+    index: int  # in ``search[method]``
+    seed: int
+    setting: dict
+    config: FitConfig
+    later_seed: bool  # not the grid's first seed (its folder names the seed)
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} setting {self.index}" + (f" seed {self.seed}" if self.later_seed else "")
+
+    def directory(self, out: Path) -> Path:
+        name = f"setting{self.index}" + (f"-seed{self.seed}" if self.later_seed else "")
+        return Path(out) / "select" / self.method / name
+
+
 def _check_setting(values, where: str) -> None:
     if not isinstance(values, dict):
         raise ConfigError(f"{where} must be a dict of configuration keys, got {values!r}")
@@ -162,10 +189,6 @@ def _check_setting(values, where: str) -> None:
 
 def cell_dir(out: Path, task: str, method: str, seed: int) -> Path:
     return out / "cells" / task / method / f"seed{seed}"
-
-
-def candidate_dir(out: Path, method: str, index: int) -> Path:
-    return out / "select" / method / f"setting{index}"
 
 
 def run_grid(grid: Grid, out, progress: bool = True, log=print, jobs: int = 1, select_only: bool = False,
@@ -184,13 +207,12 @@ def run_grid(grid: Grid, out, progress: bool = True, log=print, jobs: int = 1, s
         raise ConfigError("select_only: the grid's search gives no method two or more settings to choose between")
     if candidates:
         if report_only:
-            missing = [f"{m} setting {i}" for m, i, _, _ in candidates
-                       if not (candidate_dir(out, m, i) / "metrics.json").exists()]
+            missing = [c.label for c in candidates if not (c.directory(out) / "metrics.json").exists()]
             if missing:
                 raise ConfigError(f"report_only: the selection in {out} is unfinished ({', '.join(missing)})")
         else:
-            _run_cells([(f"select {method} setting {index}", config, candidate_dir(out, method, index))
-                        for method, index, _, config in candidates], out, jobs, progress, log)
+            _run_cells([(f"select {c.label}", c.config, c.directory(out)) for c in candidates], out, jobs, progress,
+                       log)
         grid.selected = select_settings(grid, out)
         if select_only:
             return []
@@ -231,13 +253,20 @@ def _check_finished(directory: Path, config: FitConfig) -> None:
 
 
 def select_settings(grid: Grid, out: Path) -> dict[str, dict]:
-    """Each searched method's setting with the lowest dev NLL; writes ``selection.csv`` and ``selected.json``."""
+    """Each searched method's setting with the lowest dev NLL (mean over its ``select_seeds`` seeds);
+    writes ``selection.csv`` and ``selected.json``."""
     key = f"{grid.selection_task}/{SELECTION_SPLIT}"
+    scores: dict[tuple[str, int], list[dict]] = {}
+    for c in grid.candidates():
+        result = json.loads((c.directory(out) / "metrics.json").read_text())["evaluations"][key]
+        scores.setdefault((c.method, c.index), []).append(result)
     rows, chosen = [], {}
-    for method, index, setting, _ in grid.candidates():
-        result = json.loads((candidate_dir(out, method, index) / "metrics.json").read_text())["evaluations"][key]
-        rows.append({"method": method, "setting": index, "values": json.dumps(setting, sort_keys=True),
-                     "dev_acc": result["acc"], "dev_ece": result["ece"], "dev_nll": result["nll"]})
+    for (method, index), results in scores.items():
+        mean = {k: statistics.fmean(r[k] for r in results) for k in ("acc", "ece", "nll")}
+        rows.append({"method": method, "setting": index,
+                     "values": json.dumps(grid.search[method][index], sort_keys=True),
+                     "dev_acc": mean["acc"], "dev_ece": mean["ece"], "dev_nll": mean["nll"],
+                     "seeds": len(results)})
     for method in dict.fromkeys(r["method"] for r in rows):
         best = min((r for r in rows if r["method"] == method), key=lambda r: r["dev_nll"])
         chosen[method] = grid.search[method][best["setting"]]
@@ -386,8 +415,9 @@ def write_results(grid: Grid, rows: list[dict], out: Path) -> None:
         header += " Per task: " + "; ".join(f"{t} {_setting_text(v)}" for t, v in grid.task_overrides.items()) + "."
     settings = {m: grid.setting(m) for m in grid.methods if grid.setting(m)}
     if settings:
-        how = (f" (chosen by dev NLL on {grid.selection_task}:{SELECTION_SPLIT}, seed {grid.seeds[0]})"
-               if grid.selected else "")
+        seeds = grid.seeds[:grid.select_seeds]
+        which = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean over seeds {seeds}"
+        how = f" (chosen by dev NLL on {grid.selection_task}:{SELECTION_SPLIT}, {which})" if grid.selected else ""
         header += f" Settings{how}: " + "; ".join(f"{m} {_setting_text(v)}" for m, v in settings.items()) + "."
     atomic_write_text(out / "table.md", markdown_table(grid, rows, header))
     _reliability_figure(grid, out)

@@ -126,6 +126,31 @@ def test_settings_are_chosen_on_a_dev_split_cut_from_train_then_fixed_for_every_
         run_grid(grid, out, progress=False, log=lambda *_: None, report_only=True)
 
 
+def test_select_seeds_ranks_each_setting_by_its_mean_dev_nll_over_the_first_seeds(tmp_path, data_dir):
+    grid = Grid(base={**TINY_BASE, "data_dir": str(data_dir), "cache_dir": str(tmp_path / "cache")},
+                methods=["lora-mle"], tasks=["arc_easy"], seeds=[3, 5, 7], select_seeds=2,
+                search={"lora-mle": [{"lr": 1e-4}, {"lr": 0.3, "head_lr": 0.5}]})
+    grid.check()
+    out = tmp_path / "out"
+    run_grid(grid, out, progress=False, log=lambda *_: None, select_only=True)
+    folders = sorted(p.name for p in (out / "select" / "lora-mle").iterdir())
+    assert folders == ["setting0", "setting0-seed5", "setting1", "setting1-seed5"]  # seed 7 is not a selection seed
+    key = "arc_easy/train-heldout"
+    with open(out / "selection.csv") as f:
+        scored = list(csv.DictReader(f))
+    for row in scored:
+        runs = [out / "select" / "lora-mle" / name for name in folders if name.startswith(f"setting{row['setting']}")]
+        assert sorted(json.loads((run / "config.json").read_text())["seed"] for run in runs) == [3, 5]
+        nlls = [json.loads((run / "metrics.json").read_text())["evaluations"][key]["nll"] for run in runs]
+        assert nlls[0] != nlls[1], "the seeds differ, so the mean is not either one"
+        assert float(row["dev_nll"]) == pytest.approx(sum(nlls) / 2) and row["seeds"] == "2"
+    best = min(scored, key=lambda r: float(r["dev_nll"]))
+    assert json.loads((out / "selected.json").read_text()) == {"lora-mle": grid.search["lora-mle"][int(best["setting"])]}
+    grid.select_seeds = 4
+    with pytest.raises(ConfigError, match="select_seeds must be a whole number from 1 to the grid's 3 seeds"):
+        grid.check()
+
+
 def test_train_fit_reads_the_cached_states_of_train(tmp_path, data_dir):
     """train-fit is a slice of train: with train's prefix cache on disk, no state is computed again."""
     from bayes_polar.config import FitConfig
