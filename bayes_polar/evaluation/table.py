@@ -50,7 +50,8 @@ EXTRA_METRICS = ("ace", "mce", "cw_ece")  # absent from runs made before they ex
 POINT_METRICS = ("acc", "ece", "nll")  # of the point prediction (posterior mean), for the Bayesian methods
 SELECTIVE = ("aurc", "e_aurc", "acc@80", "acc@90")
 OOD_BLOCKS = (("max_prob", "max probability"), ("entropy", "predictive entropy"),
-              ("mutual_information", "mutual information"), ("logit_variance", "logit variance"))
+              ("mutual_information", "mutual information"), ("logit_variance", "logit variance"),
+              ("novelty", "novelty (logit variance per unit spread of the options)"))
 
 
 MAX_SETTINGS = 4  # candidate settings per method in "search": the protocol's equal, small budget

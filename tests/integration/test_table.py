@@ -34,6 +34,8 @@ def test_grid_writes_the_table_and_skips_finished_cells(tmp_path, data_dir):
     blocks = table.split("**")[1::2]
     assert "AURC (%, selective risk by max probability) ↓" in blocks
     assert "OOD AUROC (%) of mutual information, openbookqa as ID ↑" in blocks
+    novelty = table.split("OOD AUROC (%) of novelty")[1].split("**")[1]  # Gaussian heads only
+    assert "| lora-mle | – | – |" in novelty and "| polar-vbll | – |" not in novelty
     auroc = table.split("OOD AUROC (%) of max probability")[1].split("**")[1]
     assert auroc.strip().splitlines()[0] == "| method | openbookqa→arc_challenge | openbookqa→mmlu_college_physics |"
     assert all((tmp_path / "out" / f"reliability_{task}.png").stat().st_size > 0 for task in ("openbookqa", "arc_easy"))
