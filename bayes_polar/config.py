@@ -34,7 +34,7 @@ ON_NAN = ("stop", "skip")
 ORTHOGONALITY_TOL = {"riemannian_adam": 1e-4, "landing": 0.1}  # landing: 2 x adapters.optim.LANDING_TOLERANCE
 MODES = ("alternating", "joint")
 # PoLAR's default rates (README, "PoLAR learning rates"), the dev-split choice for polar-vbll of the results
-# table's protocol (benchmarks/results/smollm2_table, "The next selection"). theta_lr: POLAR_LR_FACTOR x lr
+# table's protocol (benchmarks/results/smollm2_table, "The protocol"). theta_lr: POLAR_LR_FACTOR x lr
 # (Θ takes Adam's per-entry steps, as LoRA's A and B; 10 is the PoLAR reference's ratio). stiefel_lr: a fixed
 # STIEFEL_LR, not a multiple of lr: geoopt's RiemannianAdam keeps one second moment per matrix, so a step moves
 # X or Y by about stiefel_lr in Frobenius norm whatever the layer's width (tests/adapters/test_optim.py).
